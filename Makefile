@@ -1,0 +1,42 @@
+# Two commands on a fresh machine with Python 3.11:  `make demo`  and  `make test`.
+# Both create .venv if missing and install torch first (TORCH_SPEC), then this project with pinned deps.
+# GPU users elsewhere: the default torch==2.13.0 pulls the CUDA build from PyPI, which is what you want;
+# override for another platform, e.g. `make demo TORCH_SPEC="torch==2.13.0 --index-url ..."`.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+DEMO_DIR ?= .demo
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.photon-installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+demo: install
+	$(BIN)/photon-peer --data default --model tiny --max-steps 300 --local-only \
+		--checkpoint-dir $(DEMO_DIR)/checkpoints --metrics-file $(DEMO_DIR)/metrics.jsonl --fresh
+
+test: install
+	$(BIN)/ruff check photon_p2p tests bench
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check photon_p2p tests bench
+	$(BIN)/ruff format --check photon_p2p tests bench
+
+bench: install
+	$(BIN)/python bench/local_step.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

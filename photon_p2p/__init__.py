@@ -1,0 +1,14 @@
+"""photon-p2p: Photon-style federated LLM pre-training over a hivemind peer-to-peer swarm.
+
+Sub-packages, one layer each:
+  config.py   typed, validated configs (one per component) composed into RunConfig; TOML + flags
+  errors.py   PhotonError: a user-facing problem, printed as one line by the CLIs (exit code 2)
+  model.py    the decoder-only transformer and its size presets
+  data/       tokenizers, packed token shards on disk, the resumable batch sampler
+  train/      inner optimizer loop, schedule, evaluation, checkpoints, HF export, outer optimizers
+  swarm/      DHT join, identities and signed records, run manifest, heartbeats, round engine
+  peer.py     one peer's lifecycle: join -> sync -> rounds -> clean shutdown
+  cli/        thin console entry points
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,371 @@
+"""Typed, validated configuration: one small keyword-only dataclass per component, composed into ``RunConfig``.
+
+Every field carries its own documentation (``help``) and command-line flag, so ``--help``, TOML files and
+validation errors all come from one place. Precedence: built-in default < ``--config run.toml`` < flags.
+
+A TOML file has one table per component, keyed by the field names shown in ``photon-peer --help``::
+
+    [model]
+    preset = "tiny"
+    [train]
+    max_steps = 300
+    lr = 3e-3
+
+Unknown tables or keys and values of the wrong type are one-line errors naming the key (with a suggestion).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from photon_p2p.errors import ConfigError
+
+# Model presets live in model.py (which imports torch); the names are repeated here so parsing flags stays cheap.
+# tests/test_model.py checks that both lists agree.
+MODEL_PRESETS = ("micro", "tiny", "125m", "350m", "1b", "3b", "7b")
+
+
+def opt(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, metavar: str | None = None,
+        default_factory: Any = dataclasses.MISSING, cli: bool = True) -> Any:
+    """A config field with its documentation; ``flag`` overrides the derived ``--field-name``."""
+    metadata = dict(help=help, flag=flag, metavar=metavar, cli=cli)
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class Section:
+    """Base for component configs: flag naming, validation helpers, dict round trips."""
+
+    SECTION: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # overridden by components
+        pass
+
+    @classmethod
+    def flag_of(cls, name: str) -> str:
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return f.metadata.get("flag") or "--" + name.replace("_", "-")
+
+    def fail(self, name: str, message: str) -> typing.NoReturn:
+        """Raise a ConfigError that names both the flag and the TOML key of field ``name``."""
+        value = getattr(self, name)
+        raise ConfigError(f"{self.flag_of(name)} (TOML {self.SECTION}.{name}) = {value!r}: {message}")
+
+    def require(self, name: str, ok: bool, message: str) -> None:
+        if not ok:
+            self.fail(name, message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# component configs
+
+
+@dataclass(kw_only=True)
+class ModelConfig(Section):
+    SECTION: ClassVar[str] = "model"
+
+    preset: str = opt("tiny", flag="--model", metavar="PRESET",
+                      help=f"model size preset: {', '.join(MODEL_PRESETS)} (micro and tiny train on a CPU in seconds)")
+    seq_len: int | None = opt(None, metavar="N", help="tokens per training sequence (default: the preset's)")
+    vocab_size: int | None = opt(None, metavar="N",
+                                 help="embedding rows (default: the tokenizer's vocabulary rounded up to a multiple "
+                                      "of 64); must be at least the tokenizer's vocabulary")
+    tie_embeddings: bool = opt(True, help="share the input embedding and output projection weights")
+
+    def validate(self) -> None:
+        self.require("preset", self.preset in MODEL_PRESETS, f"unknown preset; choose one of {', '.join(MODEL_PRESETS)}")
+        self.require("seq_len", self.seq_len is None or self.seq_len >= 8, "must be at least 8")
+        self.require("vocab_size", self.vocab_size is None or self.vocab_size >= 2, "must be at least 2")
+
+
+@dataclass(kw_only=True)
+class DataConfig(Section):
+    SECTION: ClassVar[str] = "data"
+
+    paths: list[str] = opt(default_factory=list, flag="--data", metavar="PATH",
+                           help="your training text: files, directories or globs (.txt, .md, .py, .rst, .jsonl with a "
+                                "'text' field, .parquet with a text column; .gz accepted). 'default' means the Python "
+                                "standard library's own sources, which exist on every machine")
+    tokenizer: str = opt("byte", metavar="FILE",
+                         help="'byte' (built-in byte-level tokenizer, no files needed) or a Hugging Face tokenizers "
+                              "JSON file, e.g. one made by photon-tokenizer")
+    val_fraction: float = opt(0.02, metavar="F",
+                              help="fraction of documents held out for validation (never trained on)")
+    cache_dir: str | None = opt(None, metavar="DIR",
+                                help="where packed token shards are cached (default: $PHOTON_CACHE_DIR or "
+                                     "~/.cache/photon-p2p/shards)")
+
+    def validate(self) -> None:
+        self.require("val_fraction", 0.0 < self.val_fraction < 0.5, "must be in (0, 0.5)")
+        self.require("tokenizer", bool(self.tokenizer), "must be 'byte' or a tokenizer JSON file")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(Section):
+    """The inner (local) optimisation loop. Photon's recipe: small batches, a high peak learning rate, AdamW with
+    betas (0.9, 0.95), cosine decay to ``alpha_f`` x peak after a linear warm-up, gradient clipping at 1.0."""
+
+    SECTION: ClassVar[str] = "train"
+
+    max_steps: int = opt(300, metavar="N", help="total optimizer steps (global inner steps in a swarm)")
+    batch_size: int = opt(16, metavar="N", help="sequences per optimizer step")
+    micro_batch_size: int | None = opt(None, metavar="N",
+                                       help="sequences per forward/backward pass; gradients are accumulated up to "
+                                            "--batch-size (default: --batch-size). Lower it if you run out of memory")
+    lr: float = opt(1e-3, metavar="LR", help="peak learning rate of the inner AdamW")
+    warmup_steps: int | None = opt(None, metavar="N", help="linear warm-up steps (default: 10%% of --max-steps)")
+    alpha_f: float = opt(0.1, metavar="F", help="the cosine schedule decays to alpha_f x peak lr (Photon: 0.1)")
+    weight_decay: float = opt(0.1, metavar="W", help="AdamW weight decay (not applied to norms and biases)")
+    grad_clip: float = opt(1.0, metavar="NORM", help="clip the global gradient norm to this (0 disables)")
+    inner_optimizer: Literal["adamw", "adamw8bit"] = opt(
+        "adamw", metavar="NAME", help="adamw (torch, fused on CUDA) or adamw8bit (bitsandbytes 8-bit states)")
+    device: str = opt("auto", metavar="DEV", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    precision: Literal["auto", "bf16", "fp32"] = opt(
+        "auto", metavar="P", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
+    compile: bool = opt(False, help="torch.compile the model (faster steps after a slow first one)")
+    seed: int = opt(0, metavar="N", help="seed for initialisation and data order")
+    eval_every: int = opt(100, metavar="N", help="validation loss/perplexity every N steps (0: only at the end)")
+    eval_batches: int = opt(16, metavar="N", help="validation batches per evaluation")
+    log_every: int = opt(10, metavar="N", help="write a metrics record every N steps")
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "eval_batches", "log_every"):
+            self.require(name, getattr(self, name) >= 1, "must be at least 1")
+        self.require("micro_batch_size", self.micro_batch_size is None or
+                     (1 <= self.micro_batch_size <= self.batch_size and self.batch_size % self.micro_batch_size == 0),
+                     f"must divide --batch-size ({self.batch_size})")
+        self.require("lr", 0.0 < self.lr < 1.0, "must be in (0, 1)")
+        self.require("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must be >= 0")
+        self.require("alpha_f", 0.0 <= self.alpha_f <= 1.0, "must be in [0, 1]")
+        self.require("weight_decay", self.weight_decay >= 0.0, "must be >= 0")
+        self.require("grad_clip", self.grad_clip >= 0.0, "must be >= 0")
+        self.require("inner_optimizer", self.inner_optimizer in ("adamw", "adamw8bit"), "choose adamw or adamw8bit")
+        self.require("precision", self.precision in ("auto", "bf16", "fp32"), "choose auto, bf16 or fp32")
+        self.require("eval_every", self.eval_every >= 0, "must be >= 0")
+        self.require("device", self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                     "choose auto, cpu, cuda or cuda:N")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.batch_size
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else self.max_steps // 10
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig(Section):
+    SECTION: ClassVar[str] = "checkpoint"
+
+    dir: str | None = opt(None, flag="--checkpoint-dir", metavar="DIR",
+                          help="write checkpoints here (model, optimizer, sampler position, RNG, config)")
+    every: int = opt(100, flag="--checkpoint-every", metavar="N", help="checkpoint every N steps (and at the end)")
+    keep: int = opt(3, flag="--keep-checkpoints", metavar="K", help="keep the last K checkpoints")
+    resume: bool = opt(False, help="continue from the latest checkpoint in --checkpoint-dir")
+    fresh: bool = opt(False, help="delete existing checkpoints in --checkpoint-dir and start over")
+
+    def validate(self) -> None:
+        self.require("every", self.every >= 1, "must be at least 1")
+        self.require("keep", self.keep >= 1, "must be at least 1")
+        if self.resume and self.fresh:
+            raise ConfigError("--resume and --fresh contradict each other: choose one")
+        if (self.resume or self.fresh) and not self.dir:
+            raise ConfigError(f"{'--resume' if self.resume else '--fresh'} needs --checkpoint-dir")
+
+
+@dataclass(kw_only=True)
+class LogConfig(Section):
+    SECTION: ClassVar[str] = "log"
+
+    metrics_file: str | None = opt(None, metavar="FILE.jsonl",
+                                   help="append one JSON record per logging step and per evaluation")
+    progress: bool = opt(True, help="show progress bars (off automatically when stderr is not a terminal)")
+    log_level: Literal["debug", "info", "warning", "error"] = opt("info", metavar="LEVEL",
+                                                                  help="debug, info, warning or error")
+
+    def validate(self) -> None:
+        self.require("log_level", self.log_level in ("debug", "info", "warning", "error"),
+                     "choose debug, info, warning or error")
+
+
+SECTIONS: tuple[type[Section], ...] = (ModelConfig, DataConfig, TrainConfig, CheckpointConfig, LogConfig)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything one peer needs, composed from the component configs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {s.SECTION: getattr(self, s.SECTION).to_dict() for s in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, origin: str = "config") -> RunConfig:
+        """Build from nested dicts (a TOML file, a checkpoint's saved config); strict about unknown keys."""
+        values = _check_nested(data, origin)
+        return cls(**{s.SECTION: s(**values.get(s.SECTION, {})) for s in SECTIONS})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TOML and type checking
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check one TOML value against the field's type; ints are accepted for floats."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None and optional:
+        return None
+    origin = typing.get_origin(inner)
+    if origin is Literal:
+        if value not in typing.get_args(inner):
+            choices = ", ".join(map(str, typing.get_args(inner)))
+            raise ConfigError(f"{where} = {value!r}: choose one of {choices}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(inner)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {value!r}: expected a list")
+        return [_coerce(v, item_tp, where) for v in value]
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r}: expected true or false")
+        return value
+    if inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} = {value!r}: expected a number")
+        return float(value)
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r}: expected an integer")
+        return value
+    if inner is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r}: expected a string")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in this file, not user input
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(options))})"
+
+
+def _check_nested(data: dict[str, Any], origin: str,
+                  sections: tuple[type[Section], ...] = SECTIONS) -> dict[str, dict[str, Any]]:
+    by_name = {s.SECTION: s for s in sections}
+    out: dict[str, dict[str, Any]] = {}
+    for sec_name, values in data.items():
+        if sec_name not in by_name:
+            raise ConfigError(f"{origin}: unknown table [{sec_name}]{_suggest(sec_name, list(by_name))}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: '{sec_name}' must be a table ([{sec_name}])")
+        cls = by_name[sec_name]
+        types_ = _field_types(cls)
+        known = [f.name for f in dataclasses.fields(cls)]
+        checked = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{origin}: unknown key '{sec_name}.{key}'{_suggest(name, known)}")
+            checked[name] = _coerce(value, types_[name], f"{origin}: {sec_name}.{key}")
+        out[sec_name] = checked
+    return out
+
+
+def load_toml(path: str | Path, sections: tuple[type[Section], ...] = SECTIONS) -> dict[str, dict[str, Any]]:
+    """Read and type-check a TOML config file (values are validated again when the configs are built)."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--config {p}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {p}: cannot read ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {p}: not valid TOML ({e})") from None
+    return _check_nested(raw, str(p), sections)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# command-line flags
+
+
+def add_section_arguments(parser: argparse.ArgumentParser, sections: tuple[type[Section], ...]) -> None:
+    """One argument group per component; every flag defaults to SUPPRESS so we know what the user set."""
+    for cls in sections:
+        # dataclasses invent a signature docstring for undocumented classes: show only real ones
+        doc = cls.__doc__ if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else None
+        doc = " ".join(doc.replace("``", "").split()) if doc else None
+        group = parser.add_argument_group(f"{cls.SECTION} options", doc)
+        types_ = _field_types(cls)
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("cli", True):
+                continue
+            flag = cls.flag_of(f.name)
+            tp, _ = _unwrap_optional(types_[f.name])
+            default = f.default if f.default is not dataclasses.MISSING else None
+            help_ = f.metadata["help"]
+            kwargs: dict[str, Any] = dict(dest=f"{cls.SECTION}.{f.name}", default=argparse.SUPPRESS)
+            if tp is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+                help_ += f" (default: {'on' if default else 'off'})"
+            else:
+                origin = typing.get_origin(tp)
+                if origin is list:
+                    kwargs["nargs"] = "+"
+                    tp = typing.get_args(tp)[0]
+                elif default is not None:
+                    help_ += f" (default: {default})"
+                if origin is Literal:
+                    kwargs["choices"] = typing.get_args(tp)
+                    tp = str
+                kwargs["type"] = tp
+                kwargs["metavar"] = f.metadata.get("metavar")
+            group.add_argument(flag, help=help_, **kwargs)
+
+
+def build_config(args: argparse.Namespace, sections: tuple[type[Section], ...], config_file: str | None,
+                 ) -> dict[str, Section]:
+    """Merge defaults < TOML < flags and build (and so validate) each component config."""
+    merged = load_toml(config_file, sections) if config_file else {}
+    for dest, value in vars(args).items():
+        if "." in dest:
+            sec, name = dest.split(".", 1)
+            merged.setdefault(sec, {})[name] = value
+    return {cls.SECTION: cls(**merged.get(cls.SECTION, {})) for cls in sections}
