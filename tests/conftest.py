@@ -1,0 +1,18 @@
+"""Fixtures shared by the whole test suite (keep this small and generic)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real text corpora in ``../shared/data`` (never copied into the project); skips where absent."""
+    path = (REPO_ROOT / ".." / "shared" / "data").resolve()
+    if not path.is_dir():
+        pytest.skip("../shared/data not found: the real text corpora are needed for this test")
+    return path
