@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import tomllib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+
+import tomllib
 
 from photon_p2p.errors import ConfigError
 
@@ -88,7 +90,8 @@ class ModelConfig(Section):
     tie_embeddings: bool = opt(True, help="share the input embedding and output projection weights")
 
     def validate(self) -> None:
-        self.require("preset", self.preset in MODEL_PRESETS, f"unknown preset; choose one of {', '.join(MODEL_PRESETS)}")
+        self.require("preset", self.preset in MODEL_PRESETS,
+                     f"unknown preset; choose one of {', '.join(MODEL_PRESETS)}")
         self.require("seq_len", self.seq_len is None or self.seq_len >= 8, "must be at least 8")
         self.require("vocab_size", self.vocab_size is None or self.vocab_size >= 2, "must be at least 2")
 
@@ -109,10 +112,24 @@ class DataConfig(Section):
     cache_dir: str | None = opt(None, metavar="DIR",
                                 help="where packed token shards are cached (default: $PHOTON_CACHE_DIR or "
                                      "~/.cache/photon-p2p/shards)")
+    partition: str | None = opt(None, flag="--data-partition", metavar="K/N",
+                                help="train only on every N-th sequence window, starting at K (0-based): disjoint "
+                                     "iid shares of one corpus for N peers, as photon-swarm --split iid does")
 
     def validate(self) -> None:
         self.require("val_fraction", 0.0 < self.val_fraction < 0.5, "must be in (0, 0.5)")
         self.require("tokenizer", bool(self.tokenizer), "must be 'byte' or a tokenizer JSON file")
+        if self.partition is not None:
+            m = re.fullmatch(r"(\d+)/(\d+)", self.partition)
+            self.require("partition", bool(m) and 0 <= int(m.group(1)) < int(m.group(2)),
+                         "use K/N with 0 <= K < N, e.g. 0/3")
+
+    @property
+    def partition_tuple(self) -> tuple[int, int]:
+        if self.partition is None:
+            return (0, 1)
+        k, n = self.partition.split("/")
+        return int(k), int(n)
 
 
 @dataclass(kw_only=True)
@@ -204,7 +221,104 @@ class LogConfig(Section):
                      "choose debug, info, warning or error")
 
 
-SECTIONS: tuple[type[Section], ...] = (ModelConfig, DataConfig, TrainConfig, CheckpointConfig, LogConfig)
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(kw_only=True)
+class SwarmConfig(Section):
+    """Joining the swarm. Without --initial-peers this peer starts a new swarm and prints addresses others can join."""
+
+    SECTION: ClassVar[str] = "swarm"
+
+    initial_peers: list[str] = opt(default_factory=list, metavar="MULTIADDR",
+                                   help="multiaddrs of any live peer or bootstrap node, e.g. "
+                                        "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... (printed by photon-bootstrap and "
+                                        "by every peer)")
+    run_id: str = opt("photon", metavar="NAME", help="which run to join or start (letters, digits, '-' and '_')")
+    host_maddrs: list[str] = opt(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], metavar="MULTIADDR",
+                                 help="where to listen (default: all interfaces, a random TCP port)")
+    announce_maddrs: list[str] = opt(default_factory=list, metavar="MULTIADDR",
+                                     help="public addresses to announce when behind port forwarding")
+    identity_path: str | None = opt(None, metavar="FILE",
+                                    help="private key file: the same peer ID across restarts, and the key that signs "
+                                         "this peer's records (default: identity.key in --checkpoint-dir, else a "
+                                         "fresh key per run)")
+    client_mode: bool = opt(False, help="do not accept incoming connections (behind NAT/firewall): join through "
+                                        "relays and peers that do")
+    use_auto_relay: bool = opt(False, help="look for relays to become reachable from behind NAT")
+    join_timeout: float = opt(30.0, metavar="SEC", help="give up if no initial peer answers within this time")
+    join_existing: bool = opt(False, help="refuse to start a new run: fail if --run-id is not running yet (a typo "
+                                          "in the run id is then an error, not a lonely new run)")
+    local_only: bool = opt(False, help="train alone without starting a DHT node (nobody can join): the "
+                                       "centralised baseline")
+
+    def validate(self) -> None:
+        self.require("run_id", bool(RUN_ID_PATTERN.match(self.run_id)),
+                     "use 1-64 letters, digits, '-' or '_'")
+        self.require("join_timeout", self.join_timeout > 0, "must be > 0")
+        if self.local_only and self.initial_peers:
+            raise ConfigError("--local-only and --initial-peers contradict each other: choose one")
+
+
+@dataclass(kw_only=True)
+class RoundConfig(Section):
+    """Federated rounds: train --local-steps inner steps, average the pseudo-gradient theta - local with the peers
+    ready for the same round (Butterfly All-Reduce), apply the outer optimizer. Photon's recipe is fedavg with
+    lr 1.0; DiLoCo's is nesterov with lr 0.7 and momentum 0.9."""
+
+    SECTION: ClassVar[str] = "round"
+
+    local_steps: int = opt(100, metavar="N", help="inner steps per round (communication happens once per round)")
+    round_seconds: float | None = opt(None, metavar="SEC",
+                                      help="instead of --local-steps, train as many steps as fit in this time "
+                                           "(uneven hardware finishes rounds together)")
+    reset_inner_optimizer: bool = opt(False, help="reset the inner AdamW moments at the start of every round "
+                                                  "(Photon's reset_optimizer)")
+    outer_optimizer: Literal["fedavg", "nesterov", "fedadam"] = opt(
+        "fedavg", metavar="NAME", help="fedavg (plain averaging when lr=1), nesterov (DiLoCo) or fedadam")
+    outer_lr: float | None = opt(None, metavar="LR",
+                                 help="outer learning rate (default: 1.0 fedavg, 0.7 nesterov, 0.01 fedadam)")
+    outer_momentum: float = opt(0.9, metavar="M", help="momentum of the nesterov outer optimizer (beta1 of fedadam)")
+    compression: Literal["none", "fp16", "blockwise8bit"] = opt(
+        "fp16", metavar="C", help="how pseudo-gradients travel: none (fp32, bit-exact), fp16 or blockwise8bit "
+                                  "(4x fewer bytes than fp32; pays off on slow links)")
+    target_group_size: int | None = opt(None, metavar="N",
+                                        help="largest all-reduce group (default: everyone ready for the round)")
+    min_group_size: int = opt(1, metavar="N",
+                              help="smallest group to accept; above 1 the peer waits for a quorum instead of "
+                                   "training on alone")
+    matchmaking_time: float = opt(10.0, metavar="SEC",
+                                  help="how long to wait for peers to finish the same round. Increase it if peers "
+                                       "on slower machines keep missing rounds")
+    allreduce_timeout: float = opt(60.0, metavar="SEC",
+                                   help="give up on an all-reduce (and exclude silent peers) after this long")
+
+    def validate(self) -> None:
+        self.require("local_steps", self.local_steps >= 1, "must be at least 1")
+        self.require("round_seconds", self.round_seconds is None or self.round_seconds > 0, "must be > 0")
+        self.require("outer_optimizer", self.outer_optimizer in ("fedavg", "nesterov", "fedadam"),
+                     "choose fedavg, nesterov or fedadam")
+        self.require("outer_lr", self.outer_lr is None or 0 < self.outer_lr <= 10, "must be in (0, 10]")
+        self.require("outer_momentum", 0 <= self.outer_momentum < 1, "must be in [0, 1)")
+        self.require("compression", self.compression in ("none", "fp16", "blockwise8bit"),
+                     "choose none, fp16 or blockwise8bit")
+        self.require("target_group_size", self.target_group_size is None or self.target_group_size >= 2,
+                     "must be at least 2")
+        self.require("min_group_size", self.min_group_size >= 1, "must be at least 1")
+        if self.target_group_size is not None and self.min_group_size > self.target_group_size:
+            self.fail("min_group_size", f"must not exceed --target-group-size ({self.target_group_size})")
+        self.require("matchmaking_time", self.matchmaking_time >= 1.0, "must be at least 1 second")
+        self.require("allreduce_timeout", self.allreduce_timeout >= 1.0, "must be at least 1 second")
+
+    @property
+    def effective_outer_lr(self) -> float:
+        if self.outer_lr is not None:
+            return self.outer_lr
+        return {"fedavg": 1.0, "nesterov": 0.7, "fedadam": 0.01}[self.outer_optimizer]
+
+
+SECTIONS: tuple[type[Section], ...] = (ModelConfig, DataConfig, TrainConfig, RoundConfig, SwarmConfig,
+                                       CheckpointConfig, LogConfig)
 
 
 @dataclass(kw_only=True)
@@ -214,6 +328,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    round: RoundConfig = field(default_factory=RoundConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -361,11 +477,16 @@ def add_section_arguments(parser: argparse.ArgumentParser, sections: tuple[type[
 
 
 def build_config(args: argparse.Namespace, sections: tuple[type[Section], ...], config_file: str | None,
-                 ) -> dict[str, Section]:
-    """Merge defaults < TOML < flags and build (and so validate) each component config."""
+                 ) -> tuple[dict[str, Section], set[str]]:
+    """Merge defaults < TOML < flags and build (and so validate) each component config.
+
+    Also returns the ``section.name`` keys the user set explicitly (in the file or as flags): a swarm peer takes
+    every other shared setting from the run manifest, but refuses to silently override what the user asked for.
+    """
     merged = load_toml(config_file, sections) if config_file else {}
     for dest, value in vars(args).items():
         if "." in dest:
             sec, name = dest.split(".", 1)
             merged.setdefault(sec, {})[name] = value
-    return {cls.SECTION: cls(**merged.get(cls.SECTION, {})) for cls in sections}
+    explicit = {f"{sec}.{name}" for sec, values in merged.items() for name in values}
+    return {cls.SECTION: cls(**merged.get(cls.SECTION, {})) for cls in sections}, explicit

@@ -1,0 +1,130 @@
+"""The inner loop: one peer's optimizer steps on its own data.
+
+Photon's local recipe: AdamW (betas 0.9/0.95) with a high peak learning rate on small batches, cosine schedule on
+the global step, gradient clipping at 1.0. Gradient accumulation turns micro-batches that fit in memory into the
+configured batch, so the optimisation does not depend on the peer's hardware.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from photon_p2p.config import TrainConfig
+from photon_p2p.errors import ConfigError
+from photon_p2p.train.schedule import lr_at
+
+logger = logging.getLogger(__name__)
+
+ADAM_BETAS = (0.9, 0.95)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA on a machine without it is a clear error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (weights and optimizer stay fp32), plain fp32 elsewhere."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--precision bf16: this GPU does not support bfloat16 (use --precision fp32)")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (linear and embedding weights), not norms or biases, as GPT-2/nanoGPT do."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_inner_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.inner_optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:  # pragma: no cover - it is a hard dependency
+            raise ConfigError(f"--inner-optimizer adamw8bit needs bitsandbytes>=0.50 ({e})") from None
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=ADAM_BETAS)
+    # fused kernels exist for CUDA (and CPU in recent torch); foreach is the portable fallback
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=ADAM_BETAS, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=ADAM_BETAS, foreach=True)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    tokens: int
+    grad_norm: float
+
+
+class InnerTrainer:
+    """Owns the local model's optimizer; ``step()`` runs one optimizer step (with accumulation) on the next batch.
+
+    :param model: the local model, already on ``device`` (possibly wrapped by torch.compile)
+    :param sampler: yields (x, y) batches of ``cfg.micro_batch`` sequences
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.optimizer = build_inner_optimizer(model, cfg, device)
+        self.accum_steps = cfg.batch_size // cfg.micro_batch
+        self.autocast = autocast_context(device, cfg.precision)
+
+    def lr_for(self, step: int) -> float:
+        return lr_at(step, peak_lr=self.cfg.lr, warmup_steps=self.cfg.warmup, max_steps=self.cfg.max_steps,
+                     alpha_f=self.cfg.alpha_f)
+
+    def step(self, sampler: Any, global_step: int) -> StepResult:
+        """One optimizer step at learning rate lr(global_step). Returns the mean loss over the batch."""
+        lr = self.lr_for(global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for _ in range(self.accum_steps):
+            x, y = sampler.next_batch()
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            with self.autocast:
+                loss = self.model(x, y)
+            (loss / self.accum_steps).backward()
+            loss_sum += loss.detach()
+            tokens += y.numel()
+        if self.cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        else:
+            grad_norm = math.nan
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=float(loss_sum) / self.accum_steps, lr=lr, tokens=tokens, grad_norm=grad_norm)
+
+    def reset_optimizer(self) -> None:
+        """Drop the optimizer's moments (Photon's ``reset_optimizer`` between rounds, or after a bad round)."""
+        self.optimizer.state.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)

@@ -1,0 +1,112 @@
+"""Training alone (``photon-peer --local-only``): the centralised baseline Photon compares against.
+
+Also home of what every training loop shares: deciding what to do with an existing checkpoint directory, the
+progress bar, and the evaluation line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from photon_p2p.cli.common import progress_enabled
+from photon_p2p.config import RunConfig
+from photon_p2p.errors import ConfigError
+from photon_p2p.train.checkpoint import Checkpoint, clear_checkpoints, latest_checkpoint, load_checkpoint
+from photon_p2p.train.metrics import MetricsWriter
+from photon_p2p.train.session import LocalSession
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_to_resume(cfg: RunConfig) -> Checkpoint | None:
+    """Apply --resume / --fresh to --checkpoint-dir. Never silently overwrite a previous run's checkpoints."""
+    ck = cfg.checkpoint
+    if not ck.dir:
+        return None
+    latest = latest_checkpoint(ck.dir)
+    if latest is None:
+        if ck.resume:
+            logger.info("no checkpoint in %s yet: starting from scratch", ck.dir)
+        return None
+    if ck.fresh:
+        n = clear_checkpoints(ck.dir)
+        logger.info("--fresh: deleted %d checkpoint(s) in %s", n, ck.dir)
+        return None
+    if not ck.resume:
+        raise ConfigError(f"--checkpoint-dir {ck.dir} already holds checkpoints (latest: {latest.name}): pass "
+                          f"--resume to continue that run or --fresh to discard it")
+    logger.info("resuming from %s", latest)
+    return load_checkpoint(latest)
+
+
+def format_eval_line(step: int, max_steps: int, loss: float | None, val_loss: float, val_ppl: float,
+                     tokens_per_s: float) -> str:
+    train = f"loss {loss:.4f} | " if loss is not None else ""
+    return (f"step {step}/{max_steps} | {train}val loss {val_loss:.4f} | val ppl {val_ppl:.2f} | "
+            f"{tokens_per_s:,.0f} tok/s")
+
+
+class Throughput:
+    """Tokens per second over the window since the last ``take()``."""
+
+    def __init__(self) -> None:
+        self._t, self._tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def take(self) -> float:
+        now = time.perf_counter()
+        rate = self._tokens / max(now - self._t, 1e-9)
+        self._t, self._tokens = now, 0
+        return rate
+
+
+def run_solo(cfg: RunConfig) -> dict[str, Any]:
+    """Train alone to --max-steps. Returns the last evaluation and step figures."""
+    show = progress_enabled(cfg.log.progress)
+    session = LocalSession(cfg, progress=show)
+    resume = checkpoint_to_resume(cfg)
+    if resume is not None:
+        session.restore(resume)
+    train, metrics = cfg.train, MetricsWriter(cfg.log.metrics_file)
+    speed = Throughput()
+    last: dict[str, Any] = {}
+    bar = tqdm(total=train.max_steps, initial=session.progress.step, desc="training", unit="step",
+               disable=not show, dynamic_ncols=True)
+    try:
+        with logging_redirect_tqdm():
+            while session.progress.step < train.max_steps:
+                result = session.train_step()
+                step = session.progress.step
+                speed.add(result.tokens)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", refresh=False)
+                final = step == train.max_steps
+                if step % train.log_every == 0 or final:
+                    rate = speed.take()
+                    last = dict(step=step, loss=result.loss, lr=result.lr, tokens=session.progress.tokens,
+                                tokens_per_s=round(rate, 1), grad_norm=result.grad_norm)
+                    metrics.write(last)
+                if (train.eval_every and step % train.eval_every == 0) or final:
+                    val_loss, val_ppl = session.evaluate()
+                    logger.info(format_eval_line(step, train.max_steps, result.loss, val_loss, val_ppl,
+                                                 last.get("tokens_per_s", 0.0)))
+                    metrics.write(dict(step=step, val_loss=val_loss, val_ppl=val_ppl, tokens=session.progress.tokens))
+                    last.update(val_loss=val_loss, val_ppl=val_ppl)
+                if cfg.checkpoint.dir and (step % cfg.checkpoint.every == 0 or final):
+                    session.save()
+    except KeyboardInterrupt:
+        if cfg.checkpoint.dir and session.progress.step > (resume.step if resume else 0):
+            path = session.save()
+            logger.warning("interrupted at step %d: saved %s (continue with --resume)", session.progress.step, path)
+        raise
+    finally:
+        bar.close()
+        metrics.close()
+    return last
