@@ -16,3 +16,13 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data not found: the real text corpora are needed for this test")
     return path
+
+
+@pytest.fixture
+def procs(tmp_path: Path):
+    """Launch real processes (own process group and TMPDIR each); all of them are killed after the test."""
+    from tests.helpers.procs import ProcessPool
+
+    pool = ProcessPool(tmp_path)
+    yield pool
+    pool.close()

@@ -1,0 +1,215 @@
+"""One peer's lifecycle: join -> agree on the run -> sync -> rounds -> clean shutdown.
+
+Order matters here (DESIGN.md): the DHT and the averager are forked *before* the local model touches a GPU, and
+the heartbeat thread starts only after the forks. Everything started is stopped in ``finally`` blocks, so an error
+or Ctrl-C leaves no averager, DHT or p2pd process behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from photon_p2p.cli.common import progress_enabled
+from photon_p2p.config import RunConfig
+from photon_p2p.data import load_tokenizer
+from photon_p2p.errors import CheckpointError
+from photon_p2p.model import Transformer
+from photon_p2p.train.checkpoint import Checkpoint
+from photon_p2p.train.metrics import MetricsWriter
+from photon_p2p.train.outer import make_outer_optimizer
+from photon_p2p.train.session import LocalSession, resolve_model_args
+from photon_p2p.train.solo import checkpoint_to_resume, format_eval_line
+
+logger = logging.getLogger(__name__)
+
+
+def run_peer(cfg: RunConfig, explicit: set[str] | None = None) -> dict[str, Any]:
+    if cfg.swarm.local_only:
+        from photon_p2p.train.solo import run_solo
+
+        return run_solo(cfg)
+    return run_swarm_peer(cfg, explicit or set())
+
+
+def make_compression(name: str):
+    from hivemind.compression import BlockwiseQuantization, CompressionInfo, Float16Compression, NoCompression
+
+    if name == "blockwise8bit":
+        # hivemind imports bitsandbytes lazily in the averager process: its first step then takes 6-10 s and can
+        # time out. Importing (and running) it here, before the fork, makes the child inherit a warm module.
+        probe = torch.randn(4096)
+        BlockwiseQuantization().extract(BlockwiseQuantization().compress(probe, CompressionInfo.from_tensor(probe)))
+        return BlockwiseQuantization()
+    return Float16Compression() if name == "fp16" else NoCompression()
+
+
+def _identity_path(cfg: RunConfig, scratch: Path) -> Path:
+    if cfg.swarm.identity_path:
+        return Path(cfg.swarm.identity_path)
+    if cfg.checkpoint.dir:
+        return Path(cfg.checkpoint.dir) / "identity.key"  # same peer ID when this peer restarts
+    return scratch / "identity.key"
+
+
+def _print_join_hint(maddrs: list[str], run_id: str) -> None:
+    joined = " ".join(maddrs)
+    print(f"peer is up; others can join this run with:\n  photon-peer --initial-peers {joined} --run-id {run_id} "
+          f"--data YOUR_DATA", file=sys.stderr, flush=True)
+
+
+def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
+    from photon_p2p.cli.common import quiet_hivemind
+
+    quiet_hivemind(cfg.log.log_level)
+    from photon_p2p.swarm.averager import PhotonAverager
+    from photon_p2p.swarm.dht import DHTCalls, start_dht, stop_dht, visible_maddrs
+    from photon_p2p.swarm.heartbeat import HeartbeatPublisher
+    from photon_p2p.swarm.identity import Identity
+    from photon_p2p.swarm.manifest import adopt_manifest, agree_on_manifest, build_manifest
+    from photon_p2p.swarm.rounds import RoundEngine
+    from photon_p2p.swarm.state import theta_from_model
+
+    show = progress_enabled(cfg.log.progress)
+    scratch = tempfile.TemporaryDirectory(prefix="photon-peer-")
+    dht = averager = heartbeat = None
+    metrics = MetricsWriter(cfg.log.metrics_file)
+    try:
+        # everything that can fail on bad local input fails here, before any process is started
+        resume = checkpoint_to_resume(cfg)
+        proposal_tokenizer = load_tokenizer(cfg.data.tokenizer)
+        proposal_args = resolve_model_args(cfg, proposal_tokenizer)
+        identity = Identity.load_or_create(_identity_path(cfg, Path(scratch.name)))
+
+        sw = cfg.swarm
+        dht = start_dht(initial_peers=sw.initial_peers, host_maddrs=sw.host_maddrs, announce_maddrs=sw.announce_maddrs,
+                        identity=identity, client_mode=sw.client_mode, use_auto_relay=sw.use_auto_relay,
+                        join_timeout=sw.join_timeout)
+        calls = DHTCalls(dht)
+        maddrs = visible_maddrs(dht)
+        if not sw.client_mode:
+            _print_join_hint(maddrs, sw.run_id)
+        proposal = build_manifest(cfg, proposal_tokenizer, proposal_args)
+        run = agree_on_manifest(calls, identity, proposal, explicit, join_existing=sw.join_existing)
+        cfg, tokenizer, model_args = adopt_manifest(cfg, run.manifest)
+
+        # the global state lives on the CPU in fp32; build it before anything touches the GPU
+        torch.manual_seed(cfg.train.seed)
+        theta = theta_from_model(Transformer(model_args))
+        outer = make_outer_optimizer(cfg.round.outer_optimizer, theta, lr=cfg.round.effective_outer_lr,
+                                     momentum=cfg.round.outer_momentum)
+        start_round = _restore_global(resume, run.hash, theta, outer) if resume else 0
+        delta = [torch.zeros_like(t) for t in theta]
+        holder: dict[str, RoundEngine] = {}
+        rc = cfg.round
+        chunk_timeout = max(2.0, min(30.0, rc.allreduce_timeout / 4))
+        averager = PhotonAverager(
+            delta, theta + outer.state_tensors(), dht, prefix=f"photon_{sw.run_id}_{run.hash[:12]}",
+            compression=make_compression(rc.compression), get_state_meta=lambda: holder["engine"].state_meta(),
+            start=True, min_matchmaking_time=rc.matchmaking_time, request_timeout=min(3.0, rc.matchmaking_time / 3),
+            target_group_size=rc.target_group_size, min_group_size=2, allreduce_timeout=rc.allreduce_timeout,
+            next_chunk_timeout=chunk_timeout, sender_timeout=chunk_timeout, reducer_timeout=2 * chunk_timeout,
+            client_mode=sw.client_mode, allow_state_sharing=False, declare_state_period=10.0)
+
+        session = LocalSession(cfg, tokenizer=tokenizer, model_args=model_args, progress=show)
+        if resume is not None:
+            session.restore(resume)
+        heartbeat = HeartbeatPublisher(calls, identity, run, device=str(session.device), client_mode=sw.client_mode,
+                                       maddrs=maddrs).start()
+        engine = RoundEngine(cfg=cfg, run=run, session=session, theta=theta, outer=outer, delta=delta,
+                             averager=averager, calls=calls, heartbeat=heartbeat, metrics=metrics,
+                             peer_id=identity.peer_id.to_base58(), show_progress=show)
+        holder["engine"] = engine
+        engine.round = start_round
+        if not sw.client_mode:
+            averager.allow_state_sharing = True
+        engine.initial_sync()
+        return _round_loop(cfg, engine, session, metrics, theta, outer, run.hash)
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+        if averager is not None and averager.is_alive():
+            averager.shutdown()
+        stop_dht(dht)
+        metrics.close()
+        scratch.cleanup()
+
+
+def _restore_global(ckpt: Checkpoint, manifest_hash: str, theta: list[torch.Tensor], outer) -> int:
+    """theta, outer state and round from a swarm checkpoint (refusing one from another run)."""
+    saved_hash = ckpt.state.get("manifest_hash")
+    if saved_hash is None or "theta" not in ckpt.tensors:
+        raise CheckpointError(f"checkpoint {ckpt.path} was written by --local-only training, not by a swarm peer; "
+                              f"use another --checkpoint-dir")
+    if saved_hash != manifest_hash:
+        raise CheckpointError(f"checkpoint {ckpt.path} belongs to another run (manifest {saved_hash[:12]}, this run "
+                              f"{manifest_hash[:12]}); use another --checkpoint-dir or --run-id")
+    saved_theta, saved_outer = ckpt.tensors["theta"], ckpt.tensors.get("outer", {})
+    with torch.no_grad():
+        for i, t in enumerate(theta):
+            t.copy_(saved_theta[f"{i:05d}"])
+        for name, t in outer.state.items():
+            t.copy_(saved_outer[name])
+    return int(ckpt.state["round"])
+
+
+def _round_loop(cfg: RunConfig, engine, session: LocalSession, metrics: MetricsWriter, theta, outer,
+                manifest_hash: str) -> dict[str, Any]:
+    train, ck = cfg.train, cfg.checkpoint
+    last: dict[str, Any] = {}
+
+    def save() -> None:
+        session.save(extra_tensors={"theta": {f"{i:05d}": t for i, t in enumerate(theta)}, "outer": outer.state},
+                     extra_state={"round": engine.round, "manifest_hash": manifest_hash})
+
+    try:
+        while session.progress.step < train.max_steps:
+            before = session.progress.step
+            result = engine.run_round()
+            step = session.progress.step
+            final = step >= train.max_steps
+            if (train.eval_every and step // train.eval_every > before // train.eval_every) or final:
+                from photon_p2p.swarm.state import load_theta
+
+                load_theta(session.model, theta)  # evaluate the global model, not this peer's local copy
+                result.val_loss, result.val_ppl = session.evaluate()
+                logger.info(format_eval_line(step, train.max_steps, result.loss, result.val_loss, result.val_ppl,
+                                             engine.tokens_per_s))
+                engine.heartbeat.update(val_ppl=result.val_ppl)
+            logger.info(format_round_line(result, engine.tokens_per_s))
+            record = result.record()
+            record["tokens_per_s"] = round(engine.tokens_per_s, 1)
+            metrics.write(record)
+            last = record
+            if ck.dir and (step // ck.every > before // ck.every or final):
+                save()
+    except KeyboardInterrupt:
+        if ck.dir and session.progress.step > 0:
+            save()
+            logger.warning("interrupted at round %d: checkpoint saved (continue with --resume)", engine.round)
+        raise
+    return last
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def format_round_line(r, tokens_per_s: float) -> str:
+    parts = [f"round {r.round}", f"step {r.step}", f"{r.outcome}", f"group {r.group_size}",
+             f"{r.tokens:,} tok", f"loss {r.loss:.4f}" if r.loss is not None else "loss -"]
+    if r.val_ppl is not None:
+        parts.append(f"val ppl {r.val_ppl:.2f}")
+    parts += [f"all-reduce {r.allreduce_s:.2f}s", f"sent {_fmt_bytes(r.bytes_sent)}",
+              f"received {_fmt_bytes(r.bytes_received)}", f"outer step {r.outer_norm:.3g}",
+              f"{tokens_per_s:,.0f} tok/s"]
+    return " | ".join(parts)

@@ -1,0 +1,268 @@
+"""Butterfly All-Reduce of pseudo-gradients, on hivemind's DecentralizedAverager, with three changes we rely on.
+
+1. **Identical results for every member, even compressed.** Stock hivemind sends each sender
+   ``compress(average - its own part)``, so with fp16/8-bit every member ends with a *different* approximation of
+   the average. Here each reducer encodes its averaged part **once** and sends the same bytes to every member
+   (and applies the decoded bytes to its own copy), so the whole group applies bit-identical values.
+2. **Failures are the same for everybody.** Output tensors hold the average itself (not a delta added to local
+   values), and a slice whose reducer failed becomes zeros, i.e. "no update there" for everyone who saw the
+   failure, instead of each member silently keeping its own values.
+3. **Untrusted inputs.** A reducer refuses parts that are non-finite, have the wrong shape, or come with a weight
+   that is not a positive finite number: the sender is banned from this all-reduce, the rest finish without it.
+
+On top, each round's all-gather carries a ``RoundGather`` (round, theta hash, tokens). If the members' theta
+hashes differ (the swarm split into groups earlier, or matchmaking failed under load), the same group then also
+averages theta and the outer optimizer state, so it leaves the round holding one theta again. Bytes sent and
+received are counted after compression and returned with the step's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.load_balancing import load_balance_peers
+from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.averaging.partition import BannedException
+from hivemind.compression import CompressionBase, NoCompression, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished, enter_asynchronously
+
+from photon_p2p.swarm.records import RoundGather
+
+logger = logging.getLogger(__name__)
+
+MAX_WEIGHT = 1e15  # tokens per round; anything larger is a malicious or broken peer
+PHASE_DELTA, PHASE_STATE = b".delta", b".state"
+
+
+class TrafficCounter:
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+
+
+class PhotonAllReduceRunner(AllReduceRunner):
+    """AllReduceRunner whose outputs are the (identically encoded) averages; see the module docstring."""
+
+    def __init__(self, *, traffic: TrafficCounter, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.traffic = traffic
+        self._reply_type = self.tensor_part_container.compression.compression_type
+        self._encoded: dict[int, asyncio.Future] = {}
+        self._own_part_shapes = tuple(p.shape for p in self.parts_for_local_averaging)
+        # shapes of what each reducer must send back (read now: the container frees its parts when finished)
+        self._shapes_by_peer = [[part.shape for part, _info in parts]
+                                for parts in self.tensor_part_container._input_parts_by_peer]
+
+    async def _encode_average(self, part_index: int, averaged_part: torch.Tensor):
+        """Encode each averaged part once; every member gets the same bytes. Older parts are evicted: by the time
+        part p+2 is averaged, every sender has already fetched part p (the reducer moves in lockstep)."""
+        future = self._encoded.get(part_index)
+        if future is None:
+            loop = asyncio.get_event_loop()
+            future = self._encoded[part_index] = asyncio.ensure_future(loop.run_in_executor(
+                None, lambda: serialize_torch_tensor(averaged_part, self._reply_type)))
+            self._encoded.pop(part_index - 2, None)
+        return await future
+
+    def _check_input(self, part_index: int, tensor: torch.Tensor, weight: float) -> None:
+        if part_index >= len(self._own_part_shapes) or tensor.shape != self._own_part_shapes[part_index]:
+            raise AllreduceException(f"part {part_index} has shape {tuple(tensor.shape)}, expected another")
+        if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
+            raise AllreduceException(f"invalid averaging weight {weight!r}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AllreduceException(f"part {part_index} contains NaN or Inf")
+
+    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData],
+                                          sender_index: int):
+        part_index = 0
+        try:
+            async for tensor_part, weight, nbytes in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.ByteSize()),
+                stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                self.traffic.received += nbytes
+                self._check_input(part_index, tensor_part, weight)
+                try:
+                    averaged_part = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=weight)
+                except BannedException:
+                    logger.debug("sender %d is already banned", sender_index)
+                    break
+                encoded = await self._encode_average(part_index, averaged_part)
+                part_index += 1
+                self.traffic.sent += encoded.ByteSize()
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=encoded)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super()._generate_input_for_peer(peer_index):
+            self.traffic.sent += message.tensor_part.ByteSize()
+            yield message
+
+    async def _communicate_with_peer(self, peer_id: PeerID):
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        if peer_id == self.peer_id:
+            sender_index = self.sender_peer_ids.index(peer_id)
+            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+                averaged_part = await self.tensor_part_reducer.accumulate_part(
+                    sender_index, part_index, tensor_part, weight=self.weight)
+                encoded = await self._encode_average(part_index, averaged_part)
+                self.tensor_part_container.register_processed_part(peer_index, part_index,
+                                                                   deserialize_torch_tensor(encoded))
+            return
+        expected = self._shapes_by_peer[peer_index]
+        try:
+            done_sending = asyncio.Event()
+            inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+            part_index = 0
+
+            def _decode(msg: averaging_pb2.AveragingData) -> tuple[torch.Tensor, int]:
+                if msg.code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
+                return deserialize_torch_tensor(msg.tensor_part), msg.tensor_part.ByteSize()
+
+            async for averaged, nbytes in amap_in_executor(
+                _decode, aiter_with_timeout(stream, self.reducer_timeout),
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                self.traffic.received += nbytes
+                if part_index >= len(expected) or averaged.shape != expected[part_index] or \
+                        not bool(torch.isfinite(averaged).all()):
+                    raise AllreduceException(f"{peer_id} returned a malformed average for part {part_index}")
+                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
+                part_index += 1
+            if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
+                raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected "
+                                         f"{self.tensor_part_container.num_parts_by_peer[peer_index]}")
+        except BaseException as e:
+            if isinstance(e, Exception):
+                logger.debug("all-reduce with %s failed: %r", peer_id, e)
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
+
+
+class PhotonAverager(DecentralizedAverager):
+    """Averages ``delta`` tensors each round; holds ``state`` tensors (theta + outer state) for reconciliation and
+    for joining peers to download.
+
+    :param delta: fp32 CPU buffers the round engine fills with theta - local before each step
+    :param state: fp32 CPU tensors: theta followed by the outer optimizer's buffers (shared memory after init)
+    :param get_state_meta: called in the host process when a peer downloads our state; returns the metadata dict
+    """
+
+    def __init__(self, delta: Sequence[torch.Tensor], state: Sequence[torch.Tensor], dht: Any, *, prefix: str,
+                 compression: CompressionBase, get_state_meta: Callable[[], dict[str, Any]], **kwargs: Any):
+        self.num_delta = len(delta)
+        self._get_state_meta = get_state_meta
+        self._compression_for_delta = compression
+        super().__init__(averaged_tensors=list(delta) + list(state), dht=dht, prefix=prefix, compression=compression,
+                         **kwargs)
+
+    # ---- group registration: two all-reduce phases share one matchmaking
+    def _register_allreduce_group(self, group_info: GroupInfo):
+        import contextlib
+
+        @contextlib.contextmanager
+        def registered():
+            ids = [group_info.group_id + PHASE_DELTA, group_info.group_id + PHASE_STATE]
+            try:
+                for gid in ids:
+                    self._running_groups[gid] = asyncio.Future()
+                self._pending_groups_registered.set()
+                yield
+            finally:
+                for gid in ids:
+                    self._running_groups.pop(gid, None)
+                self._pending_groups_registered.set()
+
+        return registered()
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
+        try:
+            bandwidths, mode_ids, user_bytes = zip(*map(self.serializer.loads, group_info.gathered), strict=True)
+            gathered = {}
+            for peer_id, raw in zip(group_info.peer_ids, user_bytes, strict=True):
+                # untrusted: a groupmate's gather must match the schema, else nobody can trust this group
+                gathered[peer_id.to_base58()] = RoundGather.model_validate(self.serializer.loads(raw)).model_dump()
+            rounds = {g["round"] for g in gathered.values()}
+            if len(rounds) != 1:
+                raise AllreduceException(f"group members are at different rounds {sorted(rounds)}")
+            modes = tuple(map(AveragingMode, mode_ids))
+            download_bandwidths = [b if m != AveragingMode.CLIENT else 0.0
+                                   for b, m in zip(bandwidths, modes, strict=True)]
+            fractions = await asyncio.get_event_loop().run_in_executor(
+                None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size)
+            reconcile = len({g["theta_hash"] for g in gathered.values()}) > 1
+            traffic = TrafficCounter()
+            async with enter_asynchronously(self.get_tensors()) as tensors:
+                await self._run_photon_allreduce(tensors[: self.num_delta], group_info, PHASE_DELTA, fractions,
+                                                 traffic, kwargs)
+                if reconcile:
+                    # exact (uncompressed) and unweighted: every member's theta is an equally valid candidate
+                    state_kwargs = dict(kwargs, compression=NoCompression(), weight=1.0)
+                    await self._run_photon_allreduce(tensors[self.num_delta:], group_info, PHASE_STATE, fractions,
+                                                     traffic, state_kwargs)
+            return dict(gathered=gathered, reconciled=reconcile, bytes_sent=traffic.sent,
+                        bytes_received=traffic.received, group=[p.to_base58() for p in group_info.peer_ids])
+        except BaseException as e:
+            if isinstance(e, Exception):
+                logger.debug("all-reduce failed: %r", e, exc_info=True)
+            raise MatchmakingException(f"Unable to run All-Reduce: {e!r}") from None
+
+    async def _run_photon_allreduce(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, phase: bytes,
+                                    fractions: Any, traffic: TrafficCounter, kwargs: dict[str, Any]) -> None:
+        group_id = group_info.group_id + phase
+        runner = PhotonAllReduceRunner(
+            traffic=traffic, p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
+            group_id=group_id, ordered_peer_ids=group_info.peer_ids, peer_fractions=fractions, **kwargs)
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
+            async for _ in runner:
+                raise ValueError("auxiliary peers should not receive averaged tensors")
+            return
+        index = 0
+        async for averaged in runner:
+            tensors[index].copy_(averaged)  # the average itself (zeros where a reducer failed)
+            index += 1
+
+    # ---- state sharing for joining peers
+    def get_current_state(self):
+        """Runs in our (host) process when another peer downloads state: a consistent snapshot under the lock."""
+        with self.get_tensors() as tensors:
+            meta = self._get_state_meta()
+            return meta, [t.detach().clone() for t in tensors[self.num_delta:]], None
+
+    # ---- per-round matchmaking settings, applied inside the averager process
+    def set_round(self, round_: int, target_group_size: int | None) -> None:
+        """Key matchmaking by round (peers at different rounds never group) and size the group to the peers we
+        expect, so a full group starts at once instead of waiting out the matchmaking time."""
+        from hivemind.utils import MPFuture
+
+        future = MPFuture()
+        self._outer_pipe.send(("_set_round", [], dict(bits=format(round_, "b"), target=target_group_size,
+                                                        future=future)))
+        future.result(timeout=30)
+
+    async def _set_round(self, bits: str, target: int | None, future: Any) -> None:
+        try:
+            self._matchmaking.group_key_manager.group_bits = bits
+            self._matchmaking.target_group_size = target
+            future.set_result(None)
+        except Exception as e:
+            future.set_exception(e)

@@ -1,0 +1,146 @@
+"""Joining the DHT: validate addresses first, start a node, fail loudly (not in a buried log line) if nobody answers.
+
+hivemind's ``DHT`` runs in a background process with its own p2pd daemon. Everything here makes sure that a
+failed start leaves neither behind, and that errors say which addresses were tried and what to check.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from photon_p2p.errors import SwarmError
+from photon_p2p.swarm.identity import Identity
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_MADDR = "/ip4/203.0.113.5/tcp/31337/p2p/QmXYZ..."
+
+
+def validate_maddrs(addrs: Sequence[str], *, flag: str, need_peer_id: bool) -> list[str]:
+    """Parse every multiaddr up front: one bad address is a one-line error naming it."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    out = []
+    for addr in addrs:
+        try:
+            maddr = Multiaddr(addr)
+        except Exception as e:  # the multiaddr package raises several parse error types
+            raise SwarmError(f"{flag} {addr!r}: not a valid multiaddr ({e}); expected e.g. {EXAMPLE_MADDR}") from None
+        if need_peer_id and "p2p" not in maddr:
+            raise SwarmError(f"{flag} {addr!r}: missing the /p2p/<peer ID> part; copy the whole address printed by "
+                             f"photon-bootstrap or another peer, e.g. {EXAMPLE_MADDR}")
+        out.append(str(maddr))
+    return out
+
+
+def check_ports_free(host_maddrs: Sequence[str]) -> None:
+    """libp2p listens with SO_REUSEPORT, so a second node on a taken port starts silently and splits the traffic.
+    A plain bind (without SO_REUSEPORT) fails on a port that anyone holds: check that first."""
+    import socket
+
+    from hivemind.utils.multiaddr import Multiaddr
+
+    for addr in host_maddrs:
+        maddr = Multiaddr(addr)
+        for proto, family, kind in (("tcp", socket.AF_INET, socket.SOCK_STREAM), ("udp", socket.AF_INET,
+                                                                                  socket.SOCK_DGRAM)):
+            if proto not in maddr or "ip4" not in maddr:
+                continue
+            port = int(maddr.value_for_protocol(proto))
+            if port == 0:
+                continue
+            with socket.socket(family, kind) as sock:
+                try:
+                    sock.bind((maddr.value_for_protocol("ip4"), port))
+                except OSError as e:
+                    raise SwarmError(f"--host-maddrs {addr}: cannot listen on {proto} port {port} ({e.strerror}); "
+                                     f"is another node already running there? Choose another port") from None
+
+
+def _explain_start_failure(error: BaseException, initial_peers: Sequence[str], host_maddrs: Sequence[str],
+                           timeout: float) -> str:
+    text = str(error)
+    if "address already in use" in text.lower():
+        return f"--host-maddrs {' '.join(host_maddrs)}: the port is already in use; choose another port (or tcp/0)"
+    if initial_peers:
+        return (f"none of the initial peers answered within {timeout:.0f}s (tried: {', '.join(initial_peers)}). "
+                f"Check that the node is running, that its port is reachable through firewalls/NAT, and that the "
+                f"/p2p/ peer ID matches what it printed")
+    return f"could not start the DHT node: {text or type(error).__name__}"
+
+
+def start_dht(*, initial_peers: Sequence[str], host_maddrs: Sequence[str], announce_maddrs: Sequence[str] = (),
+              identity: Identity | None, client_mode: bool = False, use_auto_relay: bool = False,
+              join_timeout: float = 30.0, **kwargs: Any):
+    """Start a hivemind DHT node in a background process and wait until it has joined (or fail cleanly)."""
+    import hivemind
+
+    initial_peers = validate_maddrs(initial_peers, flag="--initial-peers", need_peer_id=True)
+    host_maddrs = validate_maddrs(host_maddrs, flag="--host-maddrs", need_peer_id=False)
+    announce_maddrs = validate_maddrs(announce_maddrs, flag="--announce-maddrs", need_peer_id=False)
+    check_ports_free(host_maddrs)
+    dht = hivemind.DHT(
+        initial_peers=initial_peers or None, start=True, await_ready=False,
+        host_maddrs=host_maddrs, announce_maddrs=announce_maddrs or None,
+        identity_path=str(identity.path) if identity is not None else None,
+        client_mode=client_mode, use_relay=True, use_auto_relay=use_auto_relay,
+        startup_timeout=join_timeout, wait_timeout=min(5.0, join_timeout), bootstrap_timeout=min(5.0, join_timeout),
+        # a peer that is already running keeps its identity check quick; the DHT only needs it for fresh joins
+        check_if_identity_free=bool(initial_peers),
+        **kwargs,
+    )
+    try:
+        dht.wait_until_ready(timeout=join_timeout)
+    except BaseException as e:
+        _stop_quietly(dht)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        if "already taken" in str(e):
+            raise SwarmError(f"--identity-path {identity.path if identity else ''}: this identity is already used by "
+                             f"a live peer in the swarm (is this peer already running?)") from None
+        raise SwarmError(_explain_start_failure(e, initial_peers, host_maddrs, join_timeout)) from None
+    return dht
+
+
+def _stop_quietly(dht: Any) -> None:
+    try:
+        if dht.is_alive():
+            dht.shutdown()
+            dht.join(5)
+        if dht.is_alive():
+            dht.kill()
+    except Exception as e:  # shutting down after a failure must not hide the real error
+        logger.debug("DHT shutdown after a failed start: %r", e)
+
+
+def stop_dht(dht: Any) -> None:
+    """Shut a DHT down (and its p2pd) without raising; safe to call twice."""
+    if dht is not None:
+        _stop_quietly(dht)
+
+
+def visible_maddrs(dht: Any) -> list[str]:
+    """Addresses others can paste into --initial-peers (loopback last: it only helps on this machine)."""
+    addrs = [str(a) for a in dht.get_visible_maddrs()]
+    return sorted(set(addrs), key=lambda a: ("/ip4/127." in a or "/ip6/::1/" in a, "/quic" in a, a))
+
+
+class DHTCalls:
+    """Serialises calls into the DHT process from several threads of ours (its control pipe is not thread-safe)."""
+
+    def __init__(self, dht: Any):
+        self.dht = dht
+        self._lock = threading.Lock()
+
+    def get(self, key: str, *, latest: bool = True, timeout: float = 10.0) -> Any:
+        with self._lock:
+            future = self.dht.get(key, latest=latest, return_future=True)
+        return future.result(timeout=timeout)
+
+    def store(self, key: str, value: Any, expiration_time: float, *, subkey: Any = None, timeout: float = 10.0) -> bool:
+        with self._lock:
+            future = self.dht.store(key, value, expiration_time, subkey=subkey, return_future=True)
+        return bool(future.result(timeout=timeout))

@@ -1,0 +1,120 @@
+"""Heartbeats: each peer's signed progress report, republished every few seconds with a short expiry.
+
+They feed ``photon-status``, let a peer notice that the swarm has moved on without it (stragglers re-sync), and
+carry the short hash of the global parameters so peers can tell whether they hold the same ``theta``. The
+publisher thread also keeps the run's manifest and its entry in the list of runs alive in the DHT.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from photon_p2p import __version__
+from photon_p2p.swarm.dht import DHTCalls
+from photon_p2p.swarm.identity import Identity
+from photon_p2p.swarm.manifest import RunManifest, announce_run, publish
+from photon_p2p.swarm.records import Heartbeat, RecordRejected, RejectCounter, open_record, sign_record
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_PERIOD = 3.0
+HEARTBEAT_TTL = 12.0  # a peer that stops beating disappears from everyone's view within this many seconds
+REPUBLISH_EVERY = 10  # heartbeats between manifest / run-list refreshes
+
+
+def heartbeat_key(run_id: str) -> str:
+    return f"photon.{run_id}.peers"
+
+
+def read_heartbeats(calls: DHTCalls, run_id: str, rejects: RejectCounter) -> dict[str, Heartbeat]:
+    """Live peers of a run by peer ID. Malformed, forged or mislabelled records are dropped and counted."""
+    found = calls.get(heartbeat_key(run_id), latest=True)
+    entries = found.value if found is not None and isinstance(found.value, dict) else {}
+    out: dict[str, Heartbeat] = {}
+    for subkey, item in entries.items():
+        if not isinstance(subkey, str):
+            rejects.add("heartbeat", "subkey is not a peer ID")
+            continue
+        try:
+            hb, _ = open_record(getattr(item, "value", None), Heartbeat, signer=subkey)
+            if hb.peer_id != subkey or hb.run_id != run_id:
+                raise RecordRejected("peer or run id does not match its key")
+        except RecordRejected as e:
+            rejects.add("heartbeat", e.reason)
+            continue
+        if hb.stage != "left":
+            out[subkey] = hb
+    return out
+
+
+class HeartbeatPublisher:
+    """Publishes this peer's heartbeat from a daemon thread; the training loop just calls ``update()``."""
+
+    def __init__(self, calls: DHTCalls, identity: Identity, run: RunManifest, *, device: str, client_mode: bool,
+                 maddrs: list[str], period: float = HEARTBEAT_PERIOD, ttl: float = HEARTBEAT_TTL):
+        self.calls, self.identity, self.run = calls, identity, run
+        self.period, self.ttl = period, ttl
+        self._fields: dict[str, Any] = dict(round=0, step=0, tokens=0, tokens_per_s=0.0, loss=None, val_ppl=None,
+                                            theta_hash="", stage="starting")
+        self._static = dict(peer_id=identity.peer_id.to_base58(), run_id=run.manifest.run_id,
+                            manifest_hash=run.hash, device=device[:64], version=__version__,
+                            client_mode=client_mode, maddrs=maddrs[:8])
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="photon-heartbeat", daemon=True)
+        self.failures = 0
+
+    def start(self) -> HeartbeatPublisher:
+        self._thread.start()
+        return self
+
+    def update(self, *, publish_now: bool = False, **fields: Any) -> None:
+        with self._lock:
+            self._fields.update(fields)
+        if publish_now:
+            self._wake.set()
+
+    def _record(self) -> Heartbeat:
+        with self._lock:
+            return Heartbeat(**self._static, **self._fields, time=time.time())
+
+    def publish_once(self, ttl: float | None = None) -> bool:
+        from hivemind.utils.timed_storage import get_dht_time
+
+        hb = self._record()
+        try:
+            return self.calls.store(heartbeat_key(hb.run_id), sign_record(hb, self.identity),
+                                    get_dht_time() + (ttl or self.ttl), subkey=hb.peer_id)
+        except Exception as e:  # the DHT being briefly unavailable must not kill the training process
+            self.failures += 1
+            logger.debug("heartbeat not published: %r", e)
+            return False
+
+    def _loop(self) -> None:
+        beats = 0
+        while not self._stop.is_set():
+            self.publish_once()
+            if beats % REPUBLISH_EVERY == 0:
+                try:
+                    publish(self.calls, self.run)
+                    announce_run(self.calls, self.identity, self.run)
+                except Exception as e:
+                    logger.debug("manifest not republished: %r", e)
+            beats += 1
+            self._wake.wait(self.period)
+            self._wake.clear()
+
+    def stop(self) -> None:
+        """Stop beating and tell the others we left (instead of waiting for the record to expire)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self.update(stage="left")
+        self.publish_once(ttl=self.ttl)

@@ -1,0 +1,220 @@
+"""The run manifest: what every peer of a run must agree on, published in the DHT under the run id.
+
+Creating vs joining: a peer looks for the run's manifest first. If there is one, it adopts everything it did not
+set itself, and is refused (with the list of differing fields) if something it *did* set conflicts. If there is
+none, it publishes its own proposal, waits a moment for simultaneous creators, and everybody picks the same
+winner: the earliest valid record (ties broken by peer ID). With identical settings the winner does not even
+matter: the manifest hash covers settings only, so all those peers average together anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+
+from photon_p2p import __version__
+from photon_p2p.config import RunConfig
+from photon_p2p.data import Tokenizer, tokenizer_from_json
+from photon_p2p.errors import SwarmError
+from photon_p2p.model import ModelArgs
+from photon_p2p.swarm.dht import DHTCalls
+from photon_p2p.swarm.identity import Identity
+from photon_p2p.swarm.records import (
+    PROTOCOL_VERSION,
+    Manifest,
+    ManifestRecord,
+    ModelShape,
+    RecordRejected,
+    RejectCounter,
+    RoundSettings,
+    RunAnnouncement,
+    TrainSettings,
+    open_record,
+    record_hash,
+    sign_record,
+)
+
+logger = logging.getLogger(__name__)
+
+RUNS_KEY = "photon.runs"
+MANIFEST_TTL = 600.0  # republished by every live peer, so a run outlives its creator
+RUN_ANNOUNCEMENT_TTL = 120.0
+
+
+def manifest_key(run_id: str) -> str:
+    return f"photon.{run_id}.manifest"
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    """An accepted manifest with its signed envelope (republished verbatim by every peer)."""
+
+    record: ManifestRecord
+    raw: bytes
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.record.manifest
+
+    @property
+    def hash(self) -> str:
+        return record_hash(self.record.manifest)
+
+
+def build_manifest(cfg: RunConfig, tokenizer: Tokenizer, model_args: ModelArgs) -> Manifest:
+    """This peer's proposal for the run, from its own configuration."""
+    t, r = cfg.train, cfg.round
+    return Manifest(
+        protocol=PROTOCOL_VERSION, run_id=cfg.swarm.run_id, software=__version__, preset=cfg.model.preset,
+        model=ModelShape(**model_args.to_dict()),
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        tokenizer_json=zlib.compress(tokenizer.to_json().encode("utf-8"), 9),
+        train=TrainSettings(max_steps=t.max_steps, batch_size=t.batch_size, lr=t.lr, warmup_steps=t.warmup,
+                            alpha_f=t.alpha_f, weight_decay=t.weight_decay, grad_clip=t.grad_clip),
+        round=RoundSettings(local_steps=r.local_steps, round_seconds=r.round_seconds,
+                            reset_inner_optimizer=r.reset_inner_optimizer, outer_optimizer=r.outer_optimizer,
+                            outer_lr=r.effective_outer_lr, outer_momentum=r.outer_momentum, compression=r.compression),
+    )
+
+
+def fetch_manifests(calls: DHTCalls, run_id: str, rejects: RejectCounter) -> list[RunManifest]:
+    """Every valid manifest record published for ``run_id`` (invalid ones are dropped and counted)."""
+    found = calls.get(manifest_key(run_id), latest=True)
+    out = []
+    entries = found.value if found is not None and isinstance(found.value, dict) else {}
+    for subkey, item in entries.items():
+        try:
+            record, signer = open_record(getattr(item, "value", None), ManifestRecord,
+                                         signer=subkey if isinstance(subkey, str) else "?")
+            if record.creator != signer or record.manifest.run_id != run_id:
+                raise RecordRejected("creator or run id does not match")
+        except RecordRejected as e:
+            rejects.add("manifest", e.reason)
+            continue
+        out.append(RunManifest(record=record, raw=item.value))
+    return out
+
+
+def pick_canonical(candidates: list[RunManifest]) -> RunManifest:
+    return min(candidates, key=lambda c: (c.record.created_at, c.record.creator))
+
+
+def publish(calls: DHTCalls, run: RunManifest) -> bool:
+    from hivemind.utils.timed_storage import get_dht_time
+
+    return calls.store(manifest_key(run.manifest.run_id), run.raw, get_dht_time() + MANIFEST_TTL,
+                       subkey=run.record.creator)
+
+
+def list_runs(calls: DHTCalls, rejects: RejectCounter) -> list[RunAnnouncement]:
+    found = calls.get(RUNS_KEY, latest=True)
+    out = []
+    entries = found.value if found is not None and isinstance(found.value, dict) else {}
+    for subkey, item in entries.items():
+        try:
+            ann, _ = open_record(getattr(item, "value", None), RunAnnouncement)
+            if ann.run_id != subkey:
+                raise RecordRejected("run id does not match its key")
+        except RecordRejected as e:
+            rejects.add("run announcement", e.reason)
+            continue
+        out.append(ann)
+    return sorted(out, key=lambda a: a.run_id)
+
+
+def announce_run(calls: DHTCalls, identity: Identity, run: RunManifest) -> None:
+    from hivemind.utils.timed_storage import get_dht_time
+
+    ann = RunAnnouncement(run_id=run.manifest.run_id, manifest_hash=run.hash, time=time.time())
+    calls.store(RUNS_KEY, sign_record(ann, identity), get_dht_time() + RUN_ANNOUNCEMENT_TTL, subkey=ann.run_id)
+
+
+def unknown_run_message(run_id: str, runs: list[RunAnnouncement]) -> str:
+    seen = ", ".join(r.run_id for r in runs) if runs else "none"
+    return f"run '{run_id}' was not found in the swarm (runs seen: {seen}); check --run-id"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# agreeing on a manifest
+
+_TRAIN_KEYS = ("max_steps", "batch_size", "lr", "warmup_steps", "alpha_f", "weight_decay", "grad_clip")
+_ROUND_KEYS = ("local_steps", "round_seconds", "reset_inner_optimizer", "outer_optimizer", "outer_lr",
+               "outer_momentum", "compression")
+_MODEL_FLAGS = ("model.preset", "model.seq_len", "model.vocab_size", "model.tie_embeddings", "data.tokenizer")
+
+
+def settings_conflicts(run: Manifest, mine: Manifest, explicit: set[str]) -> list[str]:
+    """Fields where the user's *explicit* settings differ from the run's. Defaults never conflict: they are
+    simply replaced by the run's values. Per-peer choices (micro-batch, device, data) are not in the manifest."""
+    diffs = []
+    if run.protocol != mine.protocol:
+        diffs.append(f"protocol: run {run.protocol}, this photon-p2p {mine.protocol} (upgrade to match)")
+    if explicit & set(_MODEL_FLAGS):
+        for key, value in run.model.model_dump().items():
+            if getattr(mine.model, key) != value:
+                diffs.append(f"model.{key}: run {value!r}, yours {getattr(mine.model, key)!r}")
+    if "data.tokenizer" in explicit and run.tokenizer_fingerprint != mine.tokenizer_fingerprint:
+        diffs.append(f"tokenizer: run {run.tokenizer_fingerprint[:12]}, yours {mine.tokenizer_fingerprint[:12]}")
+    for key in _TRAIN_KEYS:
+        flag = "train.warmup_steps" if key == "warmup_steps" else f"train.{key}"
+        if flag in explicit and getattr(run.train, key) != getattr(mine.train, key):
+            diffs.append(f"train.{key}: run {getattr(run.train, key)!r}, yours {getattr(mine.train, key)!r}")
+    for key in _ROUND_KEYS:
+        explicit_key = f"round.{key}" in explicit or (key == "outer_lr" and "round.outer_optimizer" in explicit)
+        if explicit_key and getattr(run.round, key) != getattr(mine.round, key):
+            diffs.append(f"round.{key}: run {getattr(run.round, key)!r}, yours {getattr(mine.round, key)!r}")
+    return diffs
+
+
+def agree_on_manifest(calls: DHTCalls, identity: Identity, proposal: Manifest, explicit: set[str], *,
+                      join_existing: bool = False, settle_s: float = 3.0) -> RunManifest:
+    """Find the run's manifest or create it; refuse if the user's explicit settings conflict with it."""
+    rejects = RejectCounter()
+    run_id = proposal.run_id
+    candidates = fetch_manifests(calls, run_id, rejects)
+    if not candidates:
+        if join_existing:
+            raise SwarmError(unknown_run_message(run_id, list_runs(calls, rejects)) +
+                             " (--join-existing refuses to start a new run)")
+        record = ManifestRecord(manifest=proposal, creator=identity.peer_id.to_base58(), created_at=time.time())
+        mine = RunManifest(record=record, raw=sign_record(record, identity))
+        publish(calls, mine)
+        logger.info("no manifest for run '%s' yet: proposed one (hash %s); waiting %.0fs for simultaneous creators",
+                    run_id, mine.hash[:12], settle_s)
+        time.sleep(settle_s)
+        candidates = fetch_manifests(calls, run_id, rejects) or [mine]
+    chosen = pick_canonical(candidates)
+    conflicts = settings_conflicts(chosen.manifest, proposal, explicit)
+    if conflicts:
+        raise SwarmError(f"run '{run_id}' exists with different settings (created by {chosen.record.creator[:12]}"
+                         f"): {'; '.join(conflicts)}. Drop or change these settings, or use another --run-id")
+    if chosen.record.creator == identity.peer_id.to_base58():
+        logger.info("started run '%s' (manifest %s)", run_id, chosen.hash[:12])
+    else:
+        logger.info("joining run '%s' created by %s (manifest %s)", run_id, chosen.record.creator[:12],
+                    chosen.hash[:12])
+    return chosen
+
+
+def adopt_manifest(cfg: RunConfig, manifest: Manifest) -> tuple[RunConfig, Tokenizer, ModelArgs]:
+    """This peer's config with every shared setting taken from the run (per-peer settings are kept)."""
+    import dataclasses
+
+    try:
+        tokenizer = tokenizer_from_json(zlib.decompress(manifest.tokenizer_json).decode("utf-8"))
+    except (zlib.error, UnicodeDecodeError) as e:
+        raise SwarmError(f"the run's manifest carries an unreadable tokenizer ({e})") from None
+    if tokenizer.fingerprint != manifest.tokenizer_fingerprint:
+        raise SwarmError("the run's manifest tokenizer does not match its fingerprint; refusing it")
+    model_args = ModelArgs.from_dict(manifest.model.model_dump())
+    m, t, r = manifest.model, manifest.train, manifest.round
+    new = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, preset=manifest.preset, seq_len=m.max_seq_len, vocab_size=m.vocab_size,
+                                  tie_embeddings=m.tie_embeddings),
+        train=dataclasses.replace(cfg.train, **{k: getattr(t, k) for k in _TRAIN_KEYS}),
+        round=dataclasses.replace(cfg.round, **{k: getattr(r, k) for k in _ROUND_KEYS}),
+    )
+    return new, tokenizer, model_args

@@ -1,0 +1,1 @@
+"""Test helpers: launching real photon processes (peers, bootstrap nodes, swarms) on loopback."""
