@@ -155,6 +155,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = opt(
         "auto", metavar="P", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
     compile: bool = opt(False, help="torch.compile the model (faster steps after a slow first one)")
+    threads: int | None = opt(None, metavar="N",
+                              help="CPU threads for torch (default: torch's choice). Give each peer its share of the "
+                                   "cores when several run on one machine")
     seed: int = opt(0, metavar="N", help="seed for initialisation and data order")
     eval_every: int = opt(100, metavar="N", help="validation loss/perplexity every N steps (0: only at the end)")
     eval_batches: int = opt(16, metavar="N", help="validation batches per evaluation")
@@ -174,6 +177,7 @@ class TrainConfig(Section):
         self.require("inner_optimizer", self.inner_optimizer in ("adamw", "adamw8bit"), "choose adamw or adamw8bit")
         self.require("precision", self.precision in ("auto", "bf16", "fp32"), "choose auto, bf16 or fp32")
         self.require("eval_every", self.eval_every >= 0, "must be >= 0")
+        self.require("threads", self.threads is None or self.threads >= 1, "must be at least 1")
         self.require("device", self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                      "choose auto, cpu, cuda or cuda:N")
 

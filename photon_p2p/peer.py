@@ -21,6 +21,7 @@ from photon_p2p.data import load_tokenizer
 from photon_p2p.errors import CheckpointError
 from photon_p2p.model import Transformer
 from photon_p2p.train.checkpoint import Checkpoint
+from photon_p2p.train.inner import resolve_device
 from photon_p2p.train.metrics import MetricsWriter
 from photon_p2p.train.outer import make_outer_optimizer
 from photon_p2p.train.session import LocalSession, resolve_model_args
@@ -112,15 +113,19 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
             delta, theta + outer.state_tensors(), dht, prefix=f"photon_{sw.run_id}_{run.hash[:12]}",
             compression=make_compression(rc.compression), get_state_meta=lambda: holder["engine"].state_meta(),
             start=True, min_matchmaking_time=rc.matchmaking_time, request_timeout=min(3.0, rc.matchmaking_time / 3),
-            target_group_size=rc.target_group_size, min_group_size=2, allreduce_timeout=rc.allreduce_timeout,
+            target_group_size=rc.target_group_size, min_group_size=max(2, rc.min_group_size),
+            allreduce_timeout=rc.allreduce_timeout,
             next_chunk_timeout=chunk_timeout, sender_timeout=chunk_timeout, reducer_timeout=2 * chunk_timeout,
             client_mode=sw.client_mode, allow_state_sharing=False, declare_state_period=10.0)
 
+        # announce ourselves now (after the forks, before the slow part): peers starting at the same time then
+        # wait for us in matchmaking instead of racing ahead alone
+        heartbeat = HeartbeatPublisher(calls, identity, run, device=str(resolve_device(cfg.train.device)),
+                                       client_mode=sw.client_mode, maddrs=maddrs).start()
+        heartbeat.update(round=start_round, stage="starting", publish_now=True)
         session = LocalSession(cfg, tokenizer=tokenizer, model_args=model_args, progress=show)
         if resume is not None:
             session.restore(resume)
-        heartbeat = HeartbeatPublisher(calls, identity, run, device=str(session.device), client_mode=sw.client_mode,
-                                       maddrs=maddrs).start()
         engine = RoundEngine(cfg=cfg, run=run, session=session, theta=theta, outer=outer, delta=delta,
                              averager=averager, calls=calls, heartbeat=heartbeat, metrics=metrics,
                              peer_id=identity.peer_id.to_base58(), show_progress=show)

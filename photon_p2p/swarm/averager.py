@@ -36,6 +36,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished, enter_asynchronously
 
+from photon_p2p.swarm import faults
 from photon_p2p.swarm.records import RoundGather
 
 logger = logging.getLogger(__name__)
@@ -45,17 +46,21 @@ PHASE_DELTA, PHASE_STATE = b".delta", b".state"
 
 
 class TrafficCounter:
+    """Bytes on the wire (after compression) and values whose reducer failed, for one averaging step."""
+
     def __init__(self) -> None:
         self.sent = 0
         self.received = 0
+        self.lost_values = 0
+        self.total_values = 0
 
 
 class PhotonAllReduceRunner(AllReduceRunner):
     """AllReduceRunner whose outputs are the (identically encoded) averages; see the module docstring."""
 
-    def __init__(self, *, traffic: TrafficCounter, **kwargs: Any):
+    def __init__(self, *, traffic: TrafficCounter, fault_round: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.traffic = traffic
+        self.traffic, self.fault_round = traffic, fault_round
         self._reply_type = self.tensor_part_container.compression.compression_type
         self._encoded: dict[int, asyncio.Future] = {}
         self._own_part_shapes = tuple(p.shape for p in self.parts_for_local_averaging)
@@ -73,6 +78,12 @@ class PhotonAllReduceRunner(AllReduceRunner):
                 None, lambda: serialize_torch_tensor(averaged_part, self._reply_type)))
             self._encoded.pop(part_index - 2, None)
         return await future
+
+    async def _ban_sender(self, peer_id: PeerID):
+        if peer_id not in self.banned_senders:
+            logger.warning("all-reduce: excluding %s's update from this round (it stopped sending or sent invalid "
+                           "data)", peer_id)
+        await super()._ban_sender(peer_id)
 
     def _check_input(self, part_index: int, tensor: torch.Tensor, weight: float) -> None:
         if part_index >= len(self._own_part_shapes) or tensor.shape != self._own_part_shapes[part_index]:
@@ -111,6 +122,8 @@ class PhotonAllReduceRunner(AllReduceRunner):
         async for message in super()._generate_input_for_peer(peer_index):
             self.traffic.sent += message.tensor_part.ByteSize()
             yield message
+            if self.fault_round is not None and faults.at("kill_in_allreduce", self.fault_round) is not None:
+                faults.kill_whole_peer()
 
     async def _communicate_with_peer(self, peer_id: PeerID):
         peer_index = self.ordered_peer_ids.index(peer_id)
@@ -152,7 +165,8 @@ class PhotonAllReduceRunner(AllReduceRunner):
                                          f"{self.tensor_part_container.num_parts_by_peer[peer_index]}")
         except BaseException as e:
             if isinstance(e, Exception):
-                logger.debug("all-reduce with %s failed: %r", peer_id, e)
+                logger.warning("all-reduce: lost the part of the update reduced by %s (%r); it counts as no "
+                               "update for this round", peer_id, e)
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 
@@ -219,7 +233,8 @@ class PhotonAverager(DecentralizedAverager):
                     await self._run_photon_allreduce(tensors[self.num_delta:], group_info, PHASE_STATE, fractions,
                                                      traffic, state_kwargs)
             return dict(gathered=gathered, reconciled=reconcile, bytes_sent=traffic.sent,
-                        bytes_received=traffic.received, group=[p.to_base58() for p in group_info.peer_ids])
+                        bytes_received=traffic.received, group=[p.to_base58() for p in group_info.peer_ids],
+                        lost_fraction=traffic.lost_values / max(1, traffic.total_values))
         except BaseException as e:
             if isinstance(e, Exception):
                 logger.debug("all-reduce failed: %r", e, exc_info=True)
@@ -229,8 +244,9 @@ class PhotonAverager(DecentralizedAverager):
                                     fractions: Any, traffic: TrafficCounter, kwargs: dict[str, Any]) -> None:
         group_id = group_info.group_id + phase
         runner = PhotonAllReduceRunner(
-            traffic=traffic, p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
-            group_id=group_id, ordered_peer_ids=group_info.peer_ids, peer_fractions=fractions, **kwargs)
+            traffic=traffic, fault_round=getattr(self, "_round", None) if phase == PHASE_DELTA else None, p2p=self._p2p,
+            servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids, peer_fractions=fractions, **kwargs)
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             async for _ in runner:
@@ -240,6 +256,8 @@ class PhotonAverager(DecentralizedAverager):
         async for averaged in runner:
             tensors[index].copy_(averaged)  # the average itself (zeros where a reducer failed)
             index += 1
+        traffic.lost_values += runner.tensor_part_container.failed_size
+        traffic.total_values += runner.tensor_part_container.total_size
 
     # ---- state sharing for joining peers
     def get_current_state(self):
@@ -261,6 +279,8 @@ class PhotonAverager(DecentralizedAverager):
 
     async def _set_round(self, bits: str, target: int | None, future: Any) -> None:
         try:
+            # hivemind rewrites the bits once a group is assembled, so remember the round separately
+            self._round = int(bits, 2)
             self._matchmaking.group_key_manager.group_bits = bits
             self._matchmaking.target_group_size = target
             future.set_result(None)

@@ -6,6 +6,7 @@ failed start leaves neither behind, and that errors say which addresses were tri
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections.abc import Sequence
@@ -56,8 +57,10 @@ def check_ports_free(host_maddrs: Sequence[str]) -> None:
                 try:
                     sock.bind((maddr.value_for_protocol("ip4"), port))
                 except OSError as e:
+                    hint = ("is another node already running there? Choose another port" if e.errno == errno.EADDRINUSE
+                            else "is this an address of this machine? Use 0.0.0.0 for all interfaces")
                     raise SwarmError(f"--host-maddrs {addr}: cannot listen on {proto} port {port} ({e.strerror}); "
-                                     f"is another node already running there? Choose another port") from None
+                                     f"{hint}") from None
 
 
 def _explain_start_failure(error: BaseException, initial_peers: Sequence[str], host_maddrs: Sequence[str],
@@ -73,8 +76,8 @@ def _explain_start_failure(error: BaseException, initial_peers: Sequence[str], h
 
 
 def start_dht(*, initial_peers: Sequence[str], host_maddrs: Sequence[str], announce_maddrs: Sequence[str] = (),
-              identity: Identity | None, client_mode: bool = False, use_auto_relay: bool = False,
-              join_timeout: float = 30.0, **kwargs: Any):
+              identity: Identity | None, client_mode: bool = False, use_relay: bool = True,
+              use_auto_relay: bool = False, join_timeout: float = 30.0, **kwargs: Any):
     """Start a hivemind DHT node in a background process and wait until it has joined (or fail cleanly)."""
     import hivemind
 
@@ -86,7 +89,7 @@ def start_dht(*, initial_peers: Sequence[str], host_maddrs: Sequence[str], annou
         initial_peers=initial_peers or None, start=True, await_ready=False,
         host_maddrs=host_maddrs, announce_maddrs=announce_maddrs or None,
         identity_path=str(identity.path) if identity is not None else None,
-        client_mode=client_mode, use_relay=True, use_auto_relay=use_auto_relay,
+        client_mode=client_mode, use_relay=use_relay, use_auto_relay=use_auto_relay,
         startup_timeout=join_timeout, wait_timeout=min(5.0, join_timeout), bootstrap_timeout=min(5.0, join_timeout),
         # a peer that is already running keeps its identity check quick; the DHT only needs it for fresh joins
         check_if_identity_free=bool(initial_peers),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from photon_p2p.config import RunConfig
+from photon_p2p.swarm import faults
 from photon_p2p.swarm.averager import PhotonAverager
 from photon_p2p.swarm.dht import DHTCalls
 from photon_p2p.swarm.heartbeat import HeartbeatPublisher, read_heartbeats
@@ -48,6 +50,7 @@ from photon_p2p.train.session import LocalSession
 logger = logging.getLogger(__name__)
 
 MATCHMAKING_SLACK_S = 3.0  # on top of --matchmaking-time: lets a lone leader time out and report cleanly
+HEARTBEAT_POLL_S = 1.0  # how often a peer waiting for a group checks whether the swarm moved on
 DOWNLOAD_ATTEMPTS = 4
 
 
@@ -68,12 +71,14 @@ class RoundResult:
     bytes_received: int = 0
     outer_norm: float = 0.0
     reconciled: bool = False
+    lost_fraction: float = 0.0
+    theta_hash: str = ""
     group: list[str] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out.pop("group")
-        out["theta_group"] = self.group
+        out["group_peers"] = self.group
         return out
 
 
@@ -88,6 +93,7 @@ class RoundEngine:
         self.averager, self.calls, self.heartbeat, self.metrics = averager, calls, heartbeat, metrics
         self.peer_id, self.show_progress = peer_id, show_progress
         self.round = 0
+        self.global_step = session.progress.step
         self.guard = DeltaGuard()
         self.rejects = RejectCounter()
         self.theta_hash = theta_hash(theta)
@@ -99,11 +105,12 @@ class RoundEngine:
 
     def state_meta(self) -> dict[str, Any]:
         return StateMeta(run_id=self.run.manifest.run_id, manifest_hash=self.run.hash, round=self.round,
-                         step=self.session.progress.step, theta_hash=self.theta_hash,
+                         step=self.global_step, theta_hash=self.theta_hash,
                          num_tensors=len(self.theta) + len(self.outer.state_tensors())).model_dump()
 
     def _set_global(self, *, round_: int, step: int) -> None:
         self.round = round_
+        self.global_step = step  # agreed at round boundaries; the session's counter runs ahead during a round
         self.session.progress.step = step
         self.theta_hash = theta_hash(self.theta)
         if not self.averager.client_mode:
@@ -212,24 +219,43 @@ class RoundEngine:
         rc = self.cfg.round
         gather = RoundGather(round=self.round, theta_hash=self.theta_hash, tokens=tokens, steps=steps,
                              loss=loss if loss is not None and math.isfinite(loss) else None).model_dump()
-        peers_here = sum(1 for hb in self.live_peers().values() if hb.round == self.round)
-        target = peers_here + 1 if peers_here else None
+        peers = list(self.live_peers().values())
+        if not peers and self.cfg.round.min_group_size <= 1:
+            return None  # nobody else in the run: do not wait out the matchmaking time for no one
+        # peers one round behind are usually just finishing their all-reduce (heartbeats lag): expect them too
+        expected = sum(1 for hb in peers if self.round - 1 <= hb.round <= self.round)
+        target = expected + 1 if expected else None
         if rc.target_group_size is not None:
             target = min(target or rc.target_group_size, rc.target_group_size)
+        if target is not None:
+            target = max(target, rc.min_group_size)  # hivemind starts a group at its target, whatever the minimum
         self.averager.set_round(self.round, target if target and target >= 2 else rc.target_group_size)
         deadline = time.monotonic() + rc.matchmaking_time + MATCHMAKING_SLACK_S
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0.5:
                 return None
-            compute_delta_into = self.delta
-            with self.averager.get_tensors():
-                compute_delta(self.theta, self.session.model, compute_delta_into)
+            with self.averager.get_tensors():  # a failed attempt may have overwritten part of the buffers
+                compute_delta(self.theta, self.session.model, self.delta)
+            control = self.averager.step(gather=gather, weight=float(max(tokens, 1)), timeout=remaining,
+                                         allow_retries=False, wait=False)
             try:
-                return self.averager.step(gather=gather, weight=float(max(tokens, 1)), timeout=remaining,
-                                          allow_retries=False)
+                while not control.done():
+                    # a straggler stops waiting as soon as the others have finished this round without it
+                    if not control.began_allreduce and self.newest_round_elsewhere() > self.round:
+                        control.cancel()
+                        return None
+                    try:
+                        return control.result(timeout=HEARTBEAT_POLL_S)
+                    except FutureTimeout:
+                        continue
+                return control.result()
             except Exception as e:  # no group, a groupmate vanished, ... : decide below, never crash the peer
-                logger.debug("round %d averaging attempt failed: %r", self.round, e)
+                if "could not find a group" in str(e):
+                    logger.debug("round %d: no group yet", self.round)
+                else:
+                    logger.warning("round %d: averaging attempt failed (%r); retrying while time remains",
+                                   self.round, e)
                 time.sleep(0.2)
 
     def run_round(self) -> RoundResult:
@@ -237,6 +263,12 @@ class RoundEngine:
         self.heartbeat.update(stage="training", round=self.round)
         steps, tokens, loss = self.train_local()
         step_before = s.progress.step
+        if faults.at("nan_update", self.round) is not None:
+            with torch.no_grad():
+                next(s.model.parameters()).fill_(float("nan"))
+        stall = faults.at("stall_before_average", self.round)
+        if stall:
+            time.sleep(stall)
         with self.averager.get_tensors():
             compute_delta(self.theta, s.model, self.delta)
         ok, norm, why = self.guard.check(self.delta)
@@ -248,6 +280,9 @@ class RoundEngine:
         self.guard.accept(norm)
         self.heartbeat.update(stage="averaging", tokens=s.progress.tokens, publish_now=True)
         t0 = time.perf_counter()
+        newest = self.newest_round_elsewhere()
+        if newest > self.round:  # finished this round without us already: no point looking for a group
+            return self._resync(newest, tokens, loss)
         outcome = self._average(steps, tokens, loss)
         while outcome is None and rc.min_group_size > 1 and self.newest_round_elsewhere() <= self.round:
             logger.info("round %d: waiting for a group of at least %d peers (--min-group-size)", self.round,
@@ -268,7 +303,7 @@ class RoundEngine:
                              group_size=len(gathered), tokens=sum(g["tokens"] for g in gathered.values()), loss=loss,
                              allreduce_s=allreduce_s, bytes_sent=outcome["bytes_sent"],
                              bytes_received=outcome["bytes_received"], reconciled=outcome["reconciled"],
-                             group=outcome["group"])
+                             lost_fraction=outcome["lost_fraction"], group=outcome["group"])
         if outcome["reconciled"]:
             logger.info("round %d: group members held different theta; merged them", self.round)
         if not math.isfinite(global_norm(self.delta)):
@@ -286,7 +321,7 @@ class RoundEngine:
     def _advance(self, result: RoundResult) -> RoundResult:
         with self.averager.get_tensors():
             self._set_global(round_=self.round + 1, step=min(result.step, self.cfg.train.max_steps))
-            self.session.progress.tokens += 0
+        result.theta_hash = self.theta_hash
         return result
 
     def _skip_round(self, step: int, tokens: int, loss: float | None) -> RoundResult:
@@ -307,7 +342,8 @@ class RoundEngine:
         if not self.sync_from_swarm(reason="straggler", min_round=newest):
             return self._advance(RoundResult(round=r, step=self.session.progress.step, outcome="skipped",
                                              tokens=tokens, loss=loss))
-        return RoundResult(round=r, step=self.session.progress.step, outcome="resynced", tokens=tokens, loss=loss)
+        return RoundResult(round=r, step=self.session.progress.step, outcome="resynced", tokens=tokens, loss=loss,
+                           theta_hash=self.theta_hash)
 
     @property
     def tokens_per_s(self) -> float:

@@ -4,7 +4,7 @@
 - ``nesterov``: SGD with Nesterov momentum, exactly torch.optim.SGD(nesterov=True, dampening=0) semantics
   (DiLoCo: lr 0.7, momentum 0.9).
 - ``fedadam``: Adam on the pseudo-gradient (Reddi et al. 2021, "Adaptive Federated Optimization"),
-  beta1 = momentum, beta2 = 0.99, eps 1e-8, bias-corrected.
+  beta1 = momentum, beta2 = 0.99, eps 1e-8, bias-corrected, with torch.optim.Adam's exact arithmetic.
 
 The state buffers are allocated up front (zeros) instead of lazily, because they live in the averager's shared
 memory: a joining peer downloads them with theta, and a group whose members disagree averages them. A zero
@@ -80,15 +80,14 @@ class FedAdam(OuterOptimizer):
         self.state["step"] += 1
         step = float(self.state["step"])
         b1, b2 = self.momentum, FEDADAM_BETA2
-        bias1, bias2 = 1 - b1**step, 1 - b2**step
-        n = len(self.theta)
+        bias1, bias2_sqrt = 1 - b1**step, math.sqrt(1 - b2**step)
         for i, (t, d) in enumerate(zip(self.theta, delta, strict=True)):
             m, v = self.state[f"exp_avg.{i:05d}"], self.state[f"exp_avg_sq.{i:05d}"]
-            m.mul_(b1).add_(d, alpha=1 - b1)
+            # the operations of torch.optim.Adam's single-tensor path, in its order
+            m.lerp_(d, 1 - b1)
             v.mul_(b2).addcmul_(d, d, value=1 - b2)
-            denom = (v / bias2).sqrt_().add_(FEDADAM_EPS)
+            denom = (v.sqrt() / bias2_sqrt).add_(FEDADAM_EPS)
             t.addcdiv_(m, denom, value=-self.lr / bias1)
-        assert len(self.state) == 2 * n + 1
 
 
 OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {"fedavg": FedAvg, "nesterov": Nesterov, "fedadam": FedAdam}

@@ -49,6 +49,8 @@ class LocalSession:
     def __init__(self, cfg: RunConfig, *, tokenizer: Tokenizer | None = None, model_args: ModelArgs | None = None,
                  progress: bool = True):
         self.cfg = cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         self.device = resolve_device(cfg.train.device)
         self.tokenizer = tokenizer or load_tokenizer(cfg.data.tokenizer)
         if not cfg.data.paths:
@@ -101,7 +103,7 @@ class LocalSession:
         state.update(extra_state or {})
         tensors = {"model": self.model.state_dict(), **(extra_tensors or {})}
         path = save_checkpoint(ck.dir, self.progress.step, tensors=tensors, state=state, meta=self.checkpoint_meta(),
-                               keep=ck.keep)
+                               keep=ck.keep, text_files={"tokenizer.json": self.tokenizer.to_json()})
         logger.debug("checkpoint written: %s", path)
         return path
 

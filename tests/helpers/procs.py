@@ -7,11 +7,14 @@ process groups. ``descendants()`` snapshots a process tree so a test can check n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +37,9 @@ class Proc:
     def __init__(self, args: list[str], workdir: Path, name: str, env: dict[str, str] | None = None):
         self.name, self.args = name, args
         self.dir = workdir / name
-        self.tmp = self.dir / "tmp"
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # short on purpose: torch_shm_manager and p2pd put Unix sockets here, and those paths max out at 108 bytes
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"ph-{name[:8]}-", dir="/tmp"))
         self.out_path, self.err_path = self.dir / "stdout.log", self.dir / "stderr.log"
         full_env = dict(os.environ, TMPDIR=str(self.tmp), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
         full_env.update(env or {})
@@ -88,17 +92,14 @@ class Proc:
             return []
 
     def signal_group(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def kill(self) -> None:
         self.signal_group(signal.SIGKILL)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class ProcessPool:

@@ -1,0 +1,66 @@
+"""Launching real photon-peer processes for swarm tests, and reading what they report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.helpers.procs import LOOPBACK, Proc, ProcessPool, console, wait_until
+
+
+def peer_args(name: str, *, run_id: str, cache: Path, initial_peers: list[str] = (), data: str = "default",
+              model: str = "micro", local_steps: int = 5, max_steps: int = 60, matchmaking_time: float = 3.0,
+              extra: list[str] = ()) -> list[str]:
+    args = console("photon-peer") + [
+        "--data", data, "--model", model, "--run-id", run_id, "--host-maddrs", LOOPBACK,
+        "--cache-dir", str(cache), "--metrics-file", "metrics.jsonl", "--no-progress",
+        "--local-steps", str(local_steps), "--max-steps", str(max_steps), "--matchmaking-time", str(matchmaking_time),
+        "--allreduce-timeout", "30", "--eval-every", "0", "--eval-batches", "2", "--batch-size", "8",
+        "--threads", "1",  # three peers share two cores: do not let torch oversubscribe them
+    ]
+    if initial_peers:
+        args += ["--initial-peers", *initial_peers]
+    return args + list(extra)
+
+
+def start_bootstrap(pool: ProcessPool, name: str = "bootstrap") -> str:
+    """A photon-bootstrap node on loopback; returns its multiaddr (what peers pass to --initial-peers)."""
+    proc = pool.start(console("photon-bootstrap") + ["--host-maddrs", LOOPBACK], name)
+    return proc.maddr()
+
+
+def start_peer(pool: ProcessPool, name: str, env: dict[str, str] | None = None, **kwargs: Any) -> Proc:
+    return pool.start(peer_args(name, **kwargs), name, env=env)
+
+
+def records(proc: Proc) -> list[dict[str, Any]]:
+    path = proc.dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written right now
+            out.append(json.loads(line))
+    return out
+
+
+def rounds(proc: Proc) -> dict[int, dict[str, Any]]:
+    """Round records by round number (the last record wins if a round was reported twice)."""
+    return {r["round"]: r for r in records(proc) if "round" in r}
+
+
+def wait_for_round(proc: Proc, round_: int, timeout: float) -> dict[str, Any]:
+    def reached():
+        if not proc.alive() and round_ not in rounds(proc):
+            raise AssertionError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.output()[-4000:]}")
+        return rounds(proc).get(round_)
+
+    return wait_until(reached, timeout, what=f"{proc.name} round {round_}")
+
+
+def finish(proc: Proc, timeout: float) -> int:
+    code = proc.wait(timeout)
+    assert code == 0, f"{proc.name} exited {code}:\n{proc.output()[-4000:]}"
+    return code
