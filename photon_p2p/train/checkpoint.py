@@ -70,7 +70,10 @@ def clear_checkpoints(root: str | Path) -> int:
     """Delete every checkpoint under ``root`` (``--fresh``). Returns how many were removed."""
     ckpts = list_checkpoints(root)
     for p in ckpts:
-        shutil.rmtree(p)
+        try:
+            shutil.rmtree(_move_aside(p))
+        except OSError as e:
+            raise CheckpointError(f"--fresh: cannot delete checkpoint {p} ({e.strerror or e})") from None
     return len(ckpts)
 
 
@@ -107,10 +110,15 @@ def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return unique, aliases
 
 
+# .tmp-step-00000120-<pid>-<random> (being written) or .tmp-old-step-00000120-<pid>-<random> (being deleted);
+# mkdtemp's random part holds no '-', so the pid is the last number between dashes
+_TMP_PID = re.compile(r"^\.tmp-.+-(\d+)-[A-Za-z0-9_]+$")
+
+
 def _remove_stale_tmp(root: Path) -> None:
     """Remove temporary directories left by writers that died (their pid is gone)."""
     for p in root.glob(_TMP_PREFIX + "*"):
-        m = re.match(r"^\.tmp-[^-]+-(\d+)-", p.name)
+        m = _TMP_PID.match(p.name)
         pid = int(m.group(1)) if m else None
         if pid is not None and pid != os.getpid():
             try:
@@ -125,8 +133,12 @@ def _remove_stale_tmp(root: Path) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, *, tensors: dict[str, dict[str, torch.Tensor]],
-                    state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep`` checkpoints."""
+                    state: dict[str, Any], meta: dict[str, Any], keep: int,
+                    text_files: dict[str, str] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep`` checkpoints.
+
+    ``text_files`` are extra text files (name -> content, e.g. ``tokenizer.json``), hashed and verified like the rest.
+    """
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -144,6 +156,10 @@ def save_checkpoint(root: str | Path, step: int, *, tensors: dict[str, dict[str,
             if group_aliases:
                 aliases[group] = group_aliases
         torch.save(state, tmp / "state.pt")
+        for name, text in (text_files or {}).items():
+            if "/" in name or name in ("meta.json", "state.pt") or name.endswith(".safetensors"):
+                raise ValueError(f"save_checkpoint: reserved or nested file name {name!r}")  # a caller bug
+            (tmp / name).write_text(text, encoding="utf-8")
         for p in sorted(tmp.iterdir()):
             with p.open("rb") as f:
                 os.fsync(f.fileno())
@@ -155,18 +171,40 @@ def save_checkpoint(root: str | Path, step: int, *, tensors: dict[str, dict[str,
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. resume then immediate stop): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        # re-saving the same step (e.g. resume then immediate stop): move the old one aside first, so a crash in
+        # between leaves a complete checkpoint (or none) under the final name, never a half-deleted one
+        old = _move_aside(final) if final.exists() else None
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if old is not None:  # put the previous copy back rather than lose it
+                os.rename(old / final.name, final)
+            raise
         _fsync_dir(root)
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}") from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except (OSError, SafetensorError, RuntimeError) as e:  # a full or read-only disk: torch.save raises RuntimeError
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+        raise CheckpointError(f"cannot write checkpoint {final}: {detail}; free some space or choose another "
+                              f"--checkpoint-dir") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for stale in list_checkpoints(root)[:-keep]:
+        try:
+            shutil.rmtree(_move_aside(stale), ignore_errors=True)
+        except OSError as e:
+            logger.warning("cannot delete old checkpoint %s (%s)", stale, e.strerror or e)
     return final
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a checkpoint out of the step-* namespace (atomic) before deleting it: a crash mid-delete then leaves
+    only a temporary directory that the next save removes, never a half-deleted checkpoint that looks complete."""
+    aside = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{path.name}-{os.getpid()}-", dir=path.parent))
+    target = aside / path.name
+    os.rename(path, target)
+    return aside
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -211,3 +249,56 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     except (SafetensorError, RuntimeError, OSError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({e}); delete this checkpoint") from None
     return Checkpoint(path=path, step=int(meta["step"]), meta=meta, tensors=tensors, state=state)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# rebuilding what a checkpoint describes (for export and inspection)
+
+
+def model_from_checkpoint(ckpt: Checkpoint):
+    """The local model of ``ckpt`` (``tensors["model"]``) rebuilt from its ``model_args``, on the CPU, in eval mode."""
+    from photon_p2p.model import ModelArgs, Transformer
+
+    try:
+        args = ModelArgs.from_dict(ckpt.meta["model_args"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt.path}: meta.json has no usable model_args ({e}); it was not written "
+                              f"by photon-peer") from None
+    weights = ckpt.tensors.get("model")
+    if weights is None:
+        raise CheckpointError(f"checkpoint {ckpt.path} has no model.safetensors; it was not written by photon-peer")
+    model = Transformer(args)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"checkpoint {ckpt.path}: model.safetensors does not match its model_args ({detail})"
+                              ) from None
+    return model.eval()
+
+
+def tokenizer_from_checkpoint(ckpt: Checkpoint):
+    """The tokenizer ``ckpt`` was trained with: its ``tokenizer.json``, or (for checkpoints written before that file
+    existed) the built-in byte tokenizer or the --tokenizer file named in its config, if that file is unchanged."""
+    from photon_p2p.data.tokenizer import load_tokenizer, tokenizer_from_json
+    from photon_p2p.errors import DataError
+
+    expected = ckpt.meta.get("tokenizer")
+    if "tokenizer.json" in ckpt.meta.get("files", {}):  # verified against its sha256 by load_checkpoint
+        path = ckpt.path / "tokenizer.json"
+        try:
+            tok = tokenizer_from_json(path.read_text(encoding="utf-8"), origin=str(path))
+        except (OSError, UnicodeDecodeError, DataError) as e:
+            raise CheckpointError(f"checkpoint {ckpt.path}: tokenizer.json is unusable ({e})") from None
+    else:
+        spec = ((ckpt.meta.get("config") or {}).get("data") or {}).get("tokenizer", "byte")
+        try:
+            tok = load_tokenizer(spec)
+        except DataError as e:
+            raise CheckpointError(f"checkpoint {ckpt.path} holds no tokenizer.json and the tokenizer it was trained "
+                                  f"with is unavailable ({e})") from None
+    if expected is not None and tok.fingerprint != expected:
+        raise CheckpointError(f"checkpoint {ckpt.path} was trained with tokenizer {expected[:12]}, but "
+                              f"{getattr(tok, 'name', 'its tokenizer')} is {tok.fingerprint[:12]} (the file changed "
+                              f"since); use a checkpoint written with tokenizer.json")
+    return tok

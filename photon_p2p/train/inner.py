@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from photon_p2p.config import TrainConfig
-from photon_p2p.errors import ConfigError
+from photon_p2p.errors import CheckpointError, ConfigError
 from photon_p2p.train.schedule import lr_at
 
 logger = logging.getLogger(__name__)
@@ -69,12 +68,33 @@ def build_inner_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.devi
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=ADAM_BETAS, foreach=True)
 
 
-@dataclass
 class StepResult:
-    loss: float
-    lr: float
-    tokens: int
-    grad_norm: float
+    """What one optimizer step reports. ``loss`` (mean over the batch) and ``grad_norm`` (before clipping; NaN when
+    clipping is off) stay on the device until first read: reading them waits for the GPU, so a loop that looks at
+    them only every ``--log-every`` steps lets the GPU run ahead of Python in between."""
+
+    __slots__ = ("_loss_sum", "_accum", "_grad_norm", "lr", "tokens")
+
+    def __init__(self, *, loss_sum: torch.Tensor | float, accum: int, lr: float, tokens: int,
+                 grad_norm: torch.Tensor | float):
+        self._loss_sum, self._accum, self._grad_norm = loss_sum, accum, grad_norm
+        self.lr, self.tokens = lr, tokens
+
+    @property
+    def loss(self) -> float:
+        if not isinstance(self._loss_sum, float):
+            self._loss_sum = float(self._loss_sum)
+        return self._loss_sum / self._accum
+
+    @property
+    def grad_norm(self) -> float:
+        if not isinstance(self._grad_norm, float):
+            self._grad_norm = float(self._grad_norm)
+        return self._grad_norm
+
+    def __repr__(self) -> str:
+        return (f"StepResult(loss={self.loss:.4f}, lr={self.lr:.3g}, tokens={self.tokens}, "
+                f"grad_norm={self.grad_norm:.3g})")
 
 
 class InnerTrainer:
@@ -89,6 +109,7 @@ class InnerTrainer:
         self.optimizer = build_inner_optimizer(model, cfg, device)
         self.accum_steps = cfg.batch_size // cfg.micro_batch
         self.autocast = autocast_context(device, cfg.precision)
+        self._pin = device.type == "cuda"
 
     def lr_for(self, step: int) -> float:
         return lr_at(step, peak_lr=self.cfg.lr, warmup_steps=self.cfg.warmup, max_steps=self.cfg.max_steps,
@@ -104,6 +125,8 @@ class InnerTrainer:
         tokens = 0
         for _ in range(self.accum_steps):
             x, y = sampler.next_batch()
+            if self._pin:  # a copy from pinned memory is truly asynchronous; from pageable memory it waits
+                x, y = x.pin_memory(), y.pin_memory()
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             with self.autocast:
@@ -111,13 +134,13 @@ class InnerTrainer:
             (loss / self.accum_steps).backward()
             loss_sum += loss.detach()
             tokens += y.numel()
+        # no .item() or float() anywhere in a step: each would make the host wait for the device (see StepResult)
+        grad_norm: torch.Tensor | float = math.nan
         if self.cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
-        else:
-            grad_norm = math.nan
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=float(loss_sum) / self.accum_steps, lr=lr, tokens=tokens, grad_norm=grad_norm)
+        return StepResult(loss_sum=loss_sum, accum=self.accum_steps, lr=lr, tokens=tokens, grad_norm=grad_norm)
 
     def reset_optimizer(self) -> None:
         """Drop the optimizer's moments (Photon's ``reset_optimizer`` between rounds, or after a bad round)."""
@@ -127,4 +150,21 @@ class InnerTrainer:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load saved moments; refuses those of the other --inner-optimizer, which would load silently and then fail
+        (or worse) in the first step."""
+        saved = _optimizer_kind(state)
+        if saved is not None and saved != self.cfg.inner_optimizer:
+            raise CheckpointError(f"the checkpoint holds --inner-optimizer {saved} moments, but this run uses "
+                                  f"--inner-optimizer {self.cfg.inner_optimizer}: resume with --inner-optimizer "
+                                  f"{saved}, or start over with --fresh")
         self.optimizer.load_state_dict(state)
+
+
+def _optimizer_kind(state: dict[str, Any]) -> str | None:
+    """Which --inner-optimizer wrote an optimizer state dict (None: no moments yet, either fits)."""
+    for param_state in (state.get("state") or {}).values():
+        if "exp_avg" in param_state:
+            return "adamw"
+        if "state1" in param_state or any(str(k).startswith("__bnb") for k in param_state):
+            return "adamw8bit"  # bitsandbytes nests its states under __bnb_optimizer_quant_state__ in state_dict()
+    return None

@@ -13,8 +13,8 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from photon_p2p.cli.common import progress_enabled
-from photon_p2p.config import RunConfig
+from photon_p2p.cli.common import DeferredStop, GracefulExit, progress_enabled
+from photon_p2p.config import RunConfig, TrainConfig
 from photon_p2p.errors import ConfigError
 from photon_p2p.train.checkpoint import Checkpoint, clear_checkpoints, latest_checkpoint, load_checkpoint
 from photon_p2p.train.metrics import MetricsWriter
@@ -44,6 +44,18 @@ def checkpoint_to_resume(cfg: RunConfig) -> Checkpoint | None:
     return load_checkpoint(latest)
 
 
+def _warn_if_schedule_changed(ckpt: Checkpoint, cfg: RunConfig) -> None:
+    """The learning rate is a function of the step *and* of --max-steps/--warmup-steps/--lr/--alpha-f: resuming with
+    other values continues on a different schedule (fine for extending a run, but not a reproduction of it)."""
+    saved = (ckpt.meta.get("config") or {}).get("train") or {}
+    now = cfg.train.to_dict()
+    changed = [f"{TrainConfig.flag_of(k)} {saved[k]!r} -> {now[k]!r}"
+               for k in ("max_steps", "warmup_steps", "lr", "alpha_f") if k in saved and saved[k] != now[k]]
+    if changed:
+        logger.warning("resuming with a different learning-rate schedule than the checkpoint's run (%s)",
+                       ", ".join(changed))
+
+
 def format_eval_line(step: int, max_steps: int, loss: float | None, val_loss: float, val_ppl: float,
                      tokens_per_s: float) -> str:
     train = f"loss {loss:.4f} | " if loss is not None else ""
@@ -68,31 +80,41 @@ class Throughput:
 
 
 def run_solo(cfg: RunConfig) -> dict[str, Any]:
-    """Train alone to --max-steps. Returns the last evaluation and step figures."""
+    """Train alone to --max-steps. Returns the last evaluation and step figures.
+
+    Ctrl-C or SIGTERM stops after the current step (never inside one, so the checkpoint it saves resumes exactly);
+    a second Ctrl-C stops at once without saving.
+    """
     show = progress_enabled(cfg.log.progress)
     session = LocalSession(cfg, progress=show)
     resume = checkpoint_to_resume(cfg)
     if resume is not None:
+        _warn_if_schedule_changed(resume, cfg)
         session.restore(resume)
     train, metrics = cfg.train, MetricsWriter(cfg.log.metrics_file)
+    if session.progress.step >= train.max_steps:
+        logger.info("the checkpoint is at step %d, already --max-steps %d: nothing to train (raise --max-steps to "
+                    "continue)", session.progress.step, train.max_steps)
     speed = Throughput()
     last: dict[str, Any] = {}
+    saved_step = session.progress.step if resume is not None else -1
+    stopping = False
     bar = tqdm(total=train.max_steps, initial=session.progress.step, desc="training", unit="step",
                disable=not show, dynamic_ncols=True)
     try:
-        with logging_redirect_tqdm():
+        with logging_redirect_tqdm(), DeferredStop() as stop:
             while session.progress.step < train.max_steps:
                 result = session.train_step()
                 step = session.progress.step
                 speed.add(result.tokens)
                 bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", refresh=False)
                 final = step == train.max_steps
                 if step % train.log_every == 0 or final:
                     rate = speed.take()
                     last = dict(step=step, loss=result.loss, lr=result.lr, tokens=session.progress.tokens,
                                 tokens_per_s=round(rate, 1), grad_norm=result.grad_norm)
                     metrics.write(last)
+                    bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", refresh=False)
                 if (train.eval_every and step % train.eval_every == 0) or final:
                     val_loss, val_ppl = session.evaluate()
                     logger.info(format_eval_line(step, train.max_steps, result.loss, val_loss, val_ppl,
@@ -101,10 +123,19 @@ def run_solo(cfg: RunConfig) -> dict[str, Any]:
                     last.update(val_loss=val_loss, val_ppl=val_ppl)
                 if cfg.checkpoint.dir and (step % cfg.checkpoint.every == 0 or final):
                     session.save()
-    except KeyboardInterrupt:
-        if cfg.checkpoint.dir and session.progress.step > (resume.step if resume else 0):
-            path = session.save()
-            logger.warning("interrupted at step %d: saved %s (continue with --resume)", session.progress.step, path)
+                    saved_step = step
+                if stop.requested:
+                    if cfg.checkpoint.dir and saved_step != step:
+                        path = session.save()
+                        logger.warning("%s at step %d: saved %s (continue with --resume)", stop.name, step, path)
+                    else:
+                        logger.warning("%s at step %d: stopping", stop.name, step)
+                    stopping = True
+                    stop.raise_()
+    except KeyboardInterrupt as e:
+        if not isinstance(e, GracefulExit) and not stopping:
+            logger.warning("interrupted inside step %d: not saved (--resume continues from the last checkpoint)",
+                           session.progress.step + 1)
         raise
     finally:
         bar.close()

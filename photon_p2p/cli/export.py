@@ -1,0 +1,102 @@
+"""``photon-export``: turn a photon checkpoint into a Hugging Face Llama directory (weights, config and tokenizer).
+
+    photon-export runs/ckpt --output my-model                  # the latest checkpoint of a run
+    photon-export runs/ckpt/step-00000300 --output my-model --dtype bf16
+    python -c "import transformers; transformers.LlamaForCausalLM.from_pretrained('my-model')"
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from photon_p2p.cli.common import ArgumentParser, run_main, setup_logging
+from photon_p2p.errors import CheckpointError
+
+logger = logging.getLogger("photon_p2p.cli.export")
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="photon-export",
+        description="Export a photon-peer checkpoint to the Hugging Face Llama layout (config.json, "
+                    "model.safetensors, tokenizer files), loadable with transformers.LlamaForCausalLM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="a --checkpoint-dir of photon-peer (its latest checkpoint is exported) or one "
+                             "step-XXXXXXXX directory inside it")
+    parser.add_argument("--output", "-o", required=True, metavar="DIR",
+                        help="directory to create; it must not exist yet or be empty")
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES,
+                        help="weight precision of the export: fp32 (exact), bf16 or fp16 (half the size) "
+                             "(default: fp32)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="debug, info, warning or error (default: info)")
+    return parser
+
+
+def find_checkpoint(spec: str) -> Path:
+    """A step directory as given, or the latest one inside a checkpoint directory."""
+    from photon_p2p.train.checkpoint import latest_checkpoint
+
+    path = Path(spec)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory; give a --checkpoint-dir of photon-peer or a "
+                              f"step-XXXXXXXX directory inside it")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; give a --checkpoint-dir of photon-peer or a "
+                              f"step-XXXXXXXX directory inside it")
+    if (path / "meta.json").exists() or re.fullmatch(r"step-\d{8,}", path.name):
+        return path  # one checkpoint (load_checkpoint explains what is wrong with an incomplete one)
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path}: holds no checkpoint (no step-XXXXXXXX directory); "
+                              f"train with photon-peer --checkpoint-dir {path} first")
+    return latest
+
+
+def check_output(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CheckpointError(f"--output {path}: already exists and is not empty; choose a new directory or "
+                              f"remove it")
+
+
+def export(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    step_dir = find_checkpoint(args.checkpoint)
+    check_output(out)  # before the slow part: loading and hashing a large checkpoint
+
+    import torch  # heavy imports only once the arguments make sense
+
+    from photon_p2p.data.tokenizer import EOS_TEXT
+    from photon_p2p.train.checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+    from photon_p2p.train.export import export_hf
+
+    ckpt = load_checkpoint(step_dir)
+    model = model_from_checkpoint(ckpt)
+    tokenizer = tokenizer_from_checkpoint(ckpt)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    logger.info("exporting %s (step %d, %s parameters, tokenizer %s)", step_dir, ckpt.step,
+                f"{model.num_params():,}", tokenizer.name)
+    export_hf(model, out, tokenizer_json=tokenizer.to_json(), eos_token=getattr(tokenizer, "eos_token", EOS_TEXT),
+              dtype=dtype)
+    print(f"exported {step_dir} to {out}; load it with transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        setup_logging(args.log_level)
+        return export(args)
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
