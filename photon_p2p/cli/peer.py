@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from photon_p2p import __version__
-from photon_p2p.cli.common import run_main, setup_logging
+from photon_p2p.cli.common import ArgumentParser, run_main, setup_logging
 from photon_p2p.config import SECTIONS, RunConfig, add_section_arguments, build_config
 
 DESCRIPTION = """\
@@ -24,8 +24,8 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="photon-peer", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="photon-peer", description=DESCRIPTION, epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (flags override it)")
     parser.add_argument("--version", action="version", version=f"photon-p2p {__version__}")
     add_section_arguments(parser, SECTIONS)

@@ -6,8 +6,10 @@ failed start leaves neither behind, and that errors say which addresses were tri
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import signal
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -85,17 +87,20 @@ def start_dht(*, initial_peers: Sequence[str], host_maddrs: Sequence[str], annou
     host_maddrs = validate_maddrs(host_maddrs, flag="--host-maddrs", need_peer_id=False)
     announce_maddrs = validate_maddrs(announce_maddrs, flag="--announce-maddrs", need_peer_id=False)
     check_ports_free(host_maddrs)
-    dht = hivemind.DHT(
-        initial_peers=initial_peers or None, start=True, await_ready=False,
-        host_maddrs=host_maddrs, announce_maddrs=announce_maddrs or None,
-        identity_path=str(identity.path) if identity is not None else None,
-        client_mode=client_mode, use_relay=use_relay, use_auto_relay=use_auto_relay,
-        startup_timeout=join_timeout, wait_timeout=min(5.0, join_timeout), bootstrap_timeout=min(5.0, join_timeout),
-        # a peer that is already running keeps its identity check quick; the DHT only needs it for fresh joins
-        check_if_identity_free=bool(initial_peers),
-        **kwargs,
-    )
+    with signals_deferred():  # the constructor creates hivemind's first shared-memory future; it does not fork
+        dht = hivemind.DHT(
+            initial_peers=initial_peers or None, start=False, await_ready=False,
+            host_maddrs=host_maddrs, announce_maddrs=announce_maddrs or None,
+            identity_path=str(identity.path) if identity is not None else None,
+            client_mode=client_mode, use_relay=use_relay, use_auto_relay=use_auto_relay,
+            startup_timeout=join_timeout, wait_timeout=min(5.0, join_timeout),
+            bootstrap_timeout=min(5.0, join_timeout),
+            # a peer that is already running keeps its identity check quick; the DHT only needs it for fresh joins
+            check_if_identity_free=bool(initial_peers),
+            **kwargs,
+        )
     try:
+        dht.run_in_background(await_ready=False)  # forks: outside signals_deferred, so the child gets no mask
         dht.wait_until_ready(timeout=join_timeout)
     except BaseException as e:
         _stop_quietly(dht)
@@ -125,10 +130,35 @@ def stop_dht(dht: Any) -> None:
         _stop_quietly(dht)
 
 
-def visible_maddrs(dht: Any) -> list[str]:
+async def _visible_maddrs(_dht: Any, node: Any) -> list[str]:
+    return [str(a) for a in await node.get_visible_maddrs()]
+
+
+def visible_maddrs(dht: Any, timeout: float = 30.0) -> list[str]:
     """Addresses others can paste into --initial-peers (loopback last: it only helps on this machine)."""
-    addrs = [str(a) for a in dht.get_visible_maddrs()]
+    with signals_deferred():
+        future = dht.run_coroutine(_visible_maddrs, return_future=True)
+    addrs = future.result(timeout=timeout)
     return sorted(set(addrs), key=lambda a: ("/ip4/127." in a or "/ip6/::1/" in a, "/quic" in a, a))
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT/SIGTERM back while hivemind creates a future (they are delivered right after).
+
+    hivemind's MPFutures live in shared memory (a new block every 16 futures), and allocating it starts torch's
+    ``torch_shm_manager`` when none is running. If a signal interrupts the main thread while torch waits for that
+    manager to start, torch retries the failed ``read()`` without calling it again and spins at 100% CPU forever
+    (seen as photon-status --watch and photon-bootstrap hanging after Ctrl-C). Never wrap anything that forks:
+    the child would inherit the blocked signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class DHTCalls:
@@ -139,11 +169,11 @@ class DHTCalls:
         self._lock = threading.Lock()
 
     def get(self, key: str, *, latest: bool = True, timeout: float = 10.0) -> Any:
-        with self._lock:
+        with self._lock, signals_deferred():
             future = self.dht.get(key, latest=latest, return_future=True)
         return future.result(timeout=timeout)
 
     def store(self, key: str, value: Any, expiration_time: float, *, subkey: Any = None, timeout: float = 10.0) -> bool:
-        with self._lock:
+        with self._lock, signals_deferred():
             future = self.dht.store(key, value, expiration_time, subkey=subkey, return_future=True)
         return bool(future.result(timeout=timeout))
