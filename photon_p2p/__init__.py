@@ -8,6 +8,8 @@ Sub-packages, one layer each:
   train/      inner optimizer loop, schedule, evaluation, checkpoints, HF export, outer optimizers
   swarm/      DHT join, identities and signed records, run manifest, heartbeats, round engine
   peer.py     one peer's lifecycle: join -> sync -> rounds -> clean shutdown
+  bootstrap.py  the bootstrap node service (a DHT node that does not train)
+  status.py   what photon-status gathers from the DHT and how it shows it
   cli/        thin console entry points
 """
 

@@ -1,0 +1,160 @@
+"""Joining: peers started at the same instant form one swarm, hivemind-dht works as a bootstrap, bad addresses fail.
+
+hivemind issue #624 reports DHTs that split when several nodes start together on localhost. The one-swarm test
+starts four join probes (tests/helpers/join_probe.py: exactly photon-peer's join and heartbeat code, without the
+training) through one photon-bootstrap at the same instant - a barrier file releases them together - and checks
+that every probe sees all four heartbeats; ten times in a row, each time with fresh nodes and identities. Then four
+real photon-peer processes started at once must also end up as one run (one manifest, four live peers in
+photon-status). A plain ``hivemind-dht`` (what people already run) serves as the bootstrap for photon-peer and
+photon-status. A malformed or unreachable --initial-peers makes photon-peer exit with one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.procs import LOOPBACK, console
+from tests.helpers.swarm import (
+    assert_one_line_error,
+    default_sigint,
+    dht_client,
+    peer_args,
+    python_script,
+    run_cli_batch,
+    start_bootstrap,
+    status_json,
+    wait_for_heartbeats,
+    write_corpus,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ctrl_c_reaches_children():
+    """Processes started here must stop on SIGINT even after an averager test left SIGINT ignored in pytest."""
+    with default_sigint():
+        yield
+
+
+PROBE = Path(__file__).resolve().parent / "helpers" / "join_probe.py"
+PROBES, ITERATIONS = 4, 10
+QUIET_TORCH = {"OMP_NUM_THREADS": "1"}  # several processes share two cores
+
+
+def _json_lines(proc) -> list[dict]:
+    out = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+@pytest.mark.slow
+def test_simultaneous_joins_form_one_swarm_ten_times(procs, tmp_path):
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    address = barrier / "bootstrap-address"
+    probes = [procs.start(python_script(PROBE) + ["--bootstrap", f"@{address}", "--workdir", str(barrier),
+                                                  "--name", f"p{k}", "--expect", str(PROBES),
+                                                  "--iterations", str(ITERATIONS), "--timeout", "30"],
+                          name=f"probe{k}", env=QUIET_TORCH) for k in range(PROBES)]
+    _, boot_maddr = start_bootstrap(procs, tmp_path)  # while the probes import torch and hivemind
+    address.write_text(boot_maddr)
+    for probe in probes:
+        probe.wait_for(r'\{"ready"', 120)  # imports done: from here on, the start is simultaneous
+
+    report = []
+    for i in range(ITERATIONS):
+        (barrier / f"go-{i}").touch()
+        deadline = time.monotonic() + 60
+        while True:
+            results = [[r for r in _json_lines(p) if r.get("iteration") == i] for p in probes]
+            if all(results):
+                break
+            for p in probes:
+                assert p.alive(), f"{p.name} died in iteration {i}:\n{p.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"iteration {i}: no result from every probe"
+            time.sleep(0.1)
+        results = [r[0] for r in results]
+        (barrier / f"stop-{i}").touch()
+        ids = sorted(r["peer"] for r in results)
+        assert len(set(ids)) == PROBES
+        for r in results:
+            assert r["saw"] == ids, f"iteration {i}: split swarm, {r['name']} saw {len(r['saw'])}: {results}"
+        # diagnostic only: how many of the other probes each one knows directly (its DHT routing table)
+        known = min(len(set(r["routing_table"]) & (set(ids) - {r["peer"]})) for r in results)
+        report.append((max(r["seconds"] for r in results), known))
+    for probe in probes:
+        assert probe.wait(60) == 0, probe.output()[-3000:]
+    print(f"one swarm in all {ITERATIONS} iterations; (slowest probe's seconds to see all, fewest other probes in a "
+          f"routing table) per iteration: {report}")
+
+
+@pytest.mark.slow
+def test_four_real_peers_started_at_once_form_one_run(procs, tmp_path):
+    _, boot_maddr = start_bootstrap(procs, tmp_path)
+    data = write_corpus(tmp_path / "corpus")
+    # started back to back, one torch thread each (four peers share two cores)
+    peers = [procs.start(peer_args(boot_maddr, data, tmp_path / f"cache{k}"), name=f"peer{k}", env=QUIET_TORCH)
+             for k in range(4)]
+    with dht_client(boot_maddr) as calls:
+        wait_for_heartbeats(calls, "t", 4, watch=peers, timeout=150)
+    status = status_json(boot_maddr, "t", tmp_path / "status")
+    assert len(status["peers"]) == 4, status
+    manifests = set()
+    for peer in peers:
+        m = peer.wait_for(r"run 't'.*\(manifest ([0-9a-f]{12})\)", 10)
+        manifests.add(m.group(1))
+    assert manifests == {status["manifest"]["hash"][:12]}, "every peer agreed on the one manifest"
+    assert len({p["peer_id"] for p in status["peers"]}) == 4
+
+
+@pytest.mark.slow
+def test_hivemind_dht_works_as_bootstrap(procs, tmp_path):
+    dht = procs.start(console("hivemind-dht") + ["--host_maddrs", LOOPBACK], name="hivemind-dht")
+    boot_maddr = dht.maddr(timeout=60)  # its log: "... use --initial_peers /ip4/127.0.0.1/tcp/N/p2p/12D3KooW..."
+    peer = procs.start(peer_args(boot_maddr, write_corpus(tmp_path / "corpus"), tmp_path / "cache"), name="peer")
+    peer_id = peer.wait_for(r"initial-peers /ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+)", 90).group(1)
+    with dht_client(boot_maddr) as calls:
+        wait_for_heartbeats(calls, "t", 1, watch=[peer, dht], timeout=90)
+    status = status_json(boot_maddr, "t", tmp_path / "status")
+    assert [p["peer_id"] for p in status["peers"]] == [peer_id]
+    assert status["manifest"]["creator"] == peer_id and status["manifest"]["model_preset"] == "micro"
+    assert dht.alive()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def bad_peer_runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bad-peer")
+    data = write_corpus(work / "corpus")
+    made_up = f"/ip4/127.0.0.1/tcp/{_closed_port()}/p2p/QmbMExRXwcK3vMoz1geMPzPq2XxGQLbkLQYDvkn6XKcpPj"
+    cases = {
+        "malformed": peer_args("/ip4/127.0.0.1/tcp/31337/p2p/not-base58!", data, work / "cache"),
+        "no_peer_id": peer_args("/ip4/127.0.0.1/tcp/31337", data, work / "cache"),
+        "unreachable": peer_args(made_up, data, work / "cache", "--join-timeout", "2"),
+    }
+    return run_cli_batch(cases, work / "runs"), made_up
+
+
+def test_peer_with_malformed_initial_peers(bad_peer_runs):
+    results, _ = bad_peer_runs
+    assert_one_line_error(results["malformed"], "--initial-peers", "not-base58!", "not a valid multiaddr")
+    assert_one_line_error(results["no_peer_id"], "--initial-peers", "missing the /p2p/<peer ID> part")
+
+
+def test_peer_with_unreachable_initial_peers(bad_peer_runs):
+    results, made_up = bad_peer_runs
+    line = assert_one_line_error(results["unreachable"], "none of the initial peers answered within 2s", made_up)
+    assert re.search(r"firewall|port|peer ID", line)
