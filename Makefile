@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: install
-	$(BIN)/photon-peer --data default --model tiny --max-steps 300 --local-only \
-		--checkpoint-dir $(DEMO_DIR)/checkpoints --metrics-file $(DEMO_DIR)/metrics.jsonl --fresh
+	$(BIN)/photon-swarm --peers 3 --data default --model tiny --max-steps 300 --local-steps 50 --eval-every 100 \
+		--workdir $(DEMO_DIR) --fresh
 
 test: install
 	$(BIN)/ruff check photon_p2p tests bench

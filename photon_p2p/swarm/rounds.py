@@ -73,6 +73,7 @@ class RoundResult:
     reconciled: bool = False
     lost_fraction: float = 0.0
     theta_hash: str = ""
+    params: int = 0  # values averaged per round (for comparing with per-step data parallelism)
     group: list[str] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
@@ -322,6 +323,7 @@ class RoundEngine:
         with self.averager.get_tensors():
             self._set_global(round_=self.round + 1, step=min(result.step, self.cfg.train.max_steps))
         result.theta_hash = self.theta_hash
+        result.params = sum(t.numel() for t in self.theta)
         return result
 
     def _skip_round(self, step: int, tokens: int, loss: float | None) -> RoundResult:
@@ -343,7 +345,7 @@ class RoundEngine:
             return self._advance(RoundResult(round=r, step=self.session.progress.step, outcome="skipped",
                                              tokens=tokens, loss=loss))
         return RoundResult(round=r, step=self.session.progress.step, outcome="resynced", tokens=tokens, loss=loss,
-                           theta_hash=self.theta_hash)
+                           theta_hash=self.theta_hash, params=sum(t.numel() for t in self.theta))
 
     @property
     def tokens_per_s(self) -> float:
