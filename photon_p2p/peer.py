@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from photon_p2p.cli.common import progress_enabled
+from photon_p2p.cli.common import DeferredStop, progress_enabled
 from photon_p2p.config import RunConfig
 from photon_p2p.data import load_tokenizer
 from photon_p2p.errors import CheckpointError
@@ -104,7 +104,7 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
         theta = theta_from_model(Transformer(model_args))
         outer = make_outer_optimizer(cfg.round.outer_optimizer, theta, lr=cfg.round.effective_outer_lr,
                                      momentum=cfg.round.outer_momentum)
-        start_round = _restore_global(resume, run.hash, theta, outer) if resume else 0
+        start_round = _restore_global(resume, run, theta, outer) if resume else 0
         delta = [torch.zeros_like(t) for t in theta]
         holder: dict[str, RoundEngine] = {}
         rc = cfg.round
@@ -134,7 +134,7 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
         if not sw.client_mode:
             averager.allow_state_sharing = True
         engine.initial_sync()
-        return _round_loop(cfg, engine, session, metrics, theta, outer, run.hash)
+        return _round_loop(cfg, engine, session, metrics, theta, outer, run)
     finally:
         if heartbeat is not None:
             heartbeat.stop()
@@ -145,15 +145,20 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
         scratch.cleanup()
 
 
-def _restore_global(ckpt: Checkpoint, manifest_hash: str, theta: list[torch.Tensor], outer) -> int:
-    """theta, outer state and round from a swarm checkpoint (refusing one from another run)."""
-    saved_hash = ckpt.state.get("manifest_hash")
+def _restore_global(ckpt: Checkpoint, run, theta: list[torch.Tensor], outer) -> int:
+    """theta, outer state and round from a swarm checkpoint (refusing one from another run, naming what differs)."""
+    from photon_p2p.swarm.manifest import manifest_settings, settings_differences
+
+    saved_hash, manifest_hash = ckpt.state.get("manifest_hash"), run.hash
     if saved_hash is None or "theta" not in ckpt.tensors:
         raise CheckpointError(f"checkpoint {ckpt.path} was written by --local-only training, not by a swarm peer; "
                               f"use another --checkpoint-dir")
     if saved_hash != manifest_hash:
-        raise CheckpointError(f"checkpoint {ckpt.path} belongs to another run (manifest {saved_hash[:12]}, this run "
-                              f"{manifest_hash[:12]}); use another --checkpoint-dir or --run-id")
+        saved = ckpt.state.get("manifest_settings")
+        diffs = settings_differences(saved, manifest_settings(run.manifest)) if isinstance(saved, dict) else []
+        what = "; ".join(diffs) if diffs else f"manifest {saved_hash[:12]}, this run {manifest_hash[:12]}"
+        raise CheckpointError(f"checkpoint {ckpt.path} belongs to another run ({what}); resume with the settings it "
+                              f"was written with, or use another --checkpoint-dir or --run-id")
     saved_theta, saved_outer = ckpt.tensors["theta"], ckpt.tensors.get("outer", {})
     with torch.no_grad():
         for i, t in enumerate(theta):
@@ -164,39 +169,53 @@ def _restore_global(ckpt: Checkpoint, manifest_hash: str, theta: list[torch.Tens
 
 
 def _round_loop(cfg: RunConfig, engine, session: LocalSession, metrics: MetricsWriter, theta, outer,
-                manifest_hash: str) -> dict[str, Any]:
+                run) -> dict[str, Any]:
+    from photon_p2p.swarm.manifest import manifest_settings
+
     train, ck = cfg.train, cfg.checkpoint
     last: dict[str, Any] = {}
+    settings = manifest_settings(run.manifest)  # so a mismatched --resume can say which setting differs
 
     def save() -> None:
         session.save(extra_tensors={"theta": {f"{i:05d}": t for i, t in enumerate(theta)}, "outer": outer.state},
-                     extra_state={"round": engine.round, "manifest_hash": manifest_hash})
+                     extra_state={"round": engine.round, "manifest_hash": run.hash, "manifest_settings": settings})
 
+    stop = DeferredStop()
+    engine.stop = stop
     try:
-        while session.progress.step < train.max_steps:
-            before = session.progress.step
-            result = engine.run_round()
-            step = session.progress.step
-            final = step >= train.max_steps
-            if (train.eval_every and step // train.eval_every > before // train.eval_every) or final:
-                from photon_p2p.swarm.state import load_theta
+        with stop:
+            while session.progress.step < train.max_steps:
+                before = session.progress.step
+                result = engine.run_round()
+                step = session.progress.step
+                final = step >= train.max_steps
+                if (train.eval_every and step // train.eval_every > before // train.eval_every) or final:
+                    from photon_p2p.swarm.state import load_theta
 
-                load_theta(session.model, theta)  # evaluate the global model, not this peer's local copy
-                result.val_loss, result.val_ppl = session.evaluate()
-                logger.info(format_eval_line(step, train.max_steps, result.loss, result.val_loss, result.val_ppl,
-                                             engine.tokens_per_s))
-                engine.heartbeat.update(val_ppl=result.val_ppl)
-            logger.info(format_round_line(result, engine.tokens_per_s))
-            record = result.record()
-            record["tokens_per_s"] = round(engine.tokens_per_s, 1)
-            metrics.write(record)
-            last = record
-            if ck.dir and (step // ck.every > before // ck.every or final):
-                save()
+                    load_theta(session.model, theta)  # evaluate the global model, not this peer's local copy
+                    result.val_loss, result.val_ppl = session.evaluate()
+                    logger.info(format_eval_line(step, train.max_steps, result.loss, result.val_loss,
+                                                 result.val_ppl, engine.tokens_per_s))
+                    engine.heartbeat.update(val_ppl=result.val_ppl)
+                logger.info(format_round_line(result, engine.tokens_per_s))
+                record = result.record()
+                record["tokens_per_s"] = round(engine.tokens_per_s, 1)
+                metrics.write(record)
+                last = record
+                if ck.dir and (step // ck.every > before // ck.every or final):
+                    save()
+                if stop.requested:  # between rounds: the state is consistent
+                    engine.left_cleanly = True
+                    stop.raise_()
     except KeyboardInterrupt:
-        if ck.dir and session.progress.step > 0:
+        if not engine.left_cleanly:
+            logger.warning("interrupted twice inside round %d: not saved (--resume continues from the last "
+                           "checkpoint)", engine.round)
+        elif ck.dir and engine.round > 0:
             save()
-            logger.warning("interrupted at round %d: checkpoint saved (continue with --resume)", engine.round)
+            logger.warning("%s at round %d: checkpoint saved (continue with --resume)", stop.name, engine.round)
+        else:
+            logger.warning("%s at round %d: stopping", stop.name, engine.round)
         raise
     return last
 

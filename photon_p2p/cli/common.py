@@ -51,7 +51,9 @@ def _on_sigterm(signum: int, frame: object) -> None:
 # (the peer goes on alone or re-syncs) that we report in our own words.
 _EXPECTED_HIVEMIND_NOISE = ("could not find a group", "recommended to set target_group_size",
                             # hivemind's prefetching iterator, when a groupmate dies mid-all-reduce
-                            "Task was destroyed but it is pending")
+                            "Task was destroyed but it is pending",
+                            # p2pd's own log when Ctrl-C stops it together with us (its listener closes under it)
+                            "use of closed network connection")
 
 
 class _DropExpected(logging.Filter):

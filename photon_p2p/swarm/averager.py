@@ -55,6 +55,12 @@ class TrafficCounter:
         self.total_values = 0
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN/Inf. A finite sum proves it in one cheap pass (NaN and Inf propagate into the sum); only a sum that
+    overflowed or is not finite pays for the element-wise check."""
+    return math.isfinite(float(tensor.sum(dtype=torch.float64))) or bool(torch.isfinite(tensor).all())
+
+
 class PhotonAllReduceRunner(AllReduceRunner):
     """AllReduceRunner whose outputs are the (identically encoded) averages; see the module docstring."""
 
@@ -90,7 +96,7 @@ class PhotonAllReduceRunner(AllReduceRunner):
             raise AllreduceException(f"part {part_index} has shape {tuple(tensor.shape)}, expected another")
         if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
             raise AllreduceException(f"invalid averaging weight {weight!r}")
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise AllreduceException(f"part {part_index} contains NaN or Inf")
 
     async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData],
@@ -156,7 +162,7 @@ class PhotonAllReduceRunner(AllReduceRunner):
             ):
                 self.traffic.received += nbytes
                 if part_index >= len(expected) or averaged.shape != expected[part_index] or \
-                        not bool(torch.isfinite(averaged).all()):
+                        not all_finite(averaged):
                     raise AllreduceException(f"{peer_id} returned a malformed average for part {part_index}")
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
                 part_index += 1
@@ -187,6 +193,44 @@ class PhotonAverager(DecentralizedAverager):
         self._compression_for_delta = compression
         super().__init__(averaged_tensors=list(delta) + list(state), dht=dht, prefix=prefix, compression=compression,
                          **kwargs)
+
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+        """Start the averager process without leaving Ctrl-C ignored here.
+
+        hivemind sets SIGINT to SIG_IGN in the *calling* process so the child ignores it, and never restores it: a
+        peer would then ignore Ctrl-C for the rest of its life. The child keeps ignoring it (the parent shuts it
+        down); the caller gets its handler back."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return super().run_in_background(await_ready=await_ready, timeout=timeout)
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            super().run_in_background(await_ready=False)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if await_ready:
+            self.wait_until_ready(timeout)
+
+    async def _shutdown(self, timeout: float | None) -> None:
+        """hivemind's shutdown, tolerant of a p2p daemon that is already gone.
+
+        Ctrl-C in a terminal signals the whole foreground process group, and ``p2pd`` handles SIGINT by exiting (it
+        does not keep the SIG_IGN it inherits). Removing our handlers from a dead daemon then fails, and hivemind
+        would print that failure as a thread traceback and skip cancelling the running groups."""
+        if not self.client_mode:
+            try:
+                await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+            except Exception as e:
+                logger.debug("averager shutdown: p2p daemon already gone (%r)", e)
+        # the values are futures of runners, and AllReduceRunner.finalize returns None: hivemind's own loop here
+        # (group.finalize on the future, gathered) would raise whenever a group is still running
+        for future in list(self._running_groups.values()):
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().finalize(cancel=True)
+            else:
+                future.cancel()
 
     # ---- group registration: two all-reduce phases share one matchmaking
     def _register_allreduce_group(self, group_info: GroupInfo):

@@ -14,6 +14,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import psutil
+
 from photon_p2p.errors import SwarmError
 from photon_p2p.swarm.identity import Identity
 
@@ -113,8 +115,25 @@ def start_dht(*, initial_peers: Sequence[str], host_maddrs: Sequence[str], annou
     return dht
 
 
+def _p2pd_gone(dht: Any) -> bool:
+    """Whether the DHT process's p2p daemon has already exited (Ctrl-C in a terminal reaches the whole process
+    group, and p2pd exits on SIGINT even though hivemind starts it with SIGINT ignored)."""
+
+    try:
+        daemons = [c for c in psutil.Process(dht.pid).children() if c.name() == "p2pd"]
+        return not any(d.status() != psutil.STATUS_ZOMBIE for d in daemons)
+    except psutil.Error:
+        return False  # cannot tell: take the normal path
+
+
 def _stop_quietly(dht: Any) -> None:
     try:
+        if dht.is_alive() and _p2pd_gone(dht):
+            # hivemind's shutdown would hang for its whole grace period closing an event loop that still watches the
+            # dead daemon, then warn; there is nothing left to close cleanly, so stop the process directly
+            logger.debug("p2p daemon already stopped: terminating the DHT process")
+            dht.terminate()
+            dht.join(5)
         if dht.is_alive():
             dht.shutdown()
             dht.join(5)
@@ -168,12 +187,19 @@ class DHTCalls:
         self.dht = dht
         self._lock = threading.Lock()
 
+    def _check_alive(self) -> None:
+        # a DHT process that died (SIGTERM to the whole process group, OOM) never answers: fail now, not after timeout
+        if not self.dht.is_alive():
+            raise SwarmError("the DHT process has stopped")
+
     def get(self, key: str, *, latest: bool = True, timeout: float = 10.0) -> Any:
+        self._check_alive()
         with self._lock, signals_deferred():
             future = self.dht.get(key, latest=latest, return_future=True)
         return future.result(timeout=timeout)
 
     def store(self, key: str, value: Any, expiration_time: float, *, subkey: Any = None, timeout: float = 10.0) -> bool:
+        self._check_alive()
         with self._lock, signals_deferred():
             future = self.dht.store(key, value, expiration_time, subkey=subkey, return_future=True)
         return bool(future.result(timeout=timeout))

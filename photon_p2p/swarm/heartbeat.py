@@ -82,13 +82,13 @@ class HeartbeatPublisher:
         with self._lock:
             return Heartbeat(**self._static, **self._fields, time=time.time())
 
-    def publish_once(self, ttl: float | None = None) -> bool:
+    def publish_once(self, ttl: float | None = None, timeout: float = 10.0) -> bool:
         from hivemind.utils.timed_storage import get_dht_time
 
         hb = self._record()
         try:
             return self.calls.store(heartbeat_key(hb.run_id), sign_record(hb, self.identity),
-                                    get_dht_time() + (ttl or self.ttl), subkey=hb.peer_id)
+                                    get_dht_time() + (ttl or self.ttl), subkey=hb.peer_id, timeout=timeout)
         except Exception as e:  # the DHT being briefly unavailable must not kill the training process
             self.failures += 1
             logger.debug("heartbeat not published: %r", e)
@@ -117,4 +117,4 @@ class HeartbeatPublisher:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self.update(stage="left")
-        self.publish_once(ttl=self.ttl)
+        self.publish_once(ttl=self.ttl, timeout=3.0)  # a goodbye is a courtesy: never hold up the exit for it

@@ -13,6 +13,7 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 from photon_p2p import __version__
 from photon_p2p.config import RunConfig
@@ -37,6 +38,7 @@ from photon_p2p.swarm.records import (
 )
 
 logger = logging.getLogger(__name__)
+MAX_TOKENIZER_JSON_BYTES = 64 * 2**20
 
 RUNS_KEY = "photon.runs"
 MANIFEST_TTL = 600.0  # republished by every live peer, so a run outlives its creator
@@ -168,6 +170,25 @@ def settings_conflicts(run: Manifest, mine: Manifest, explicit: set[str]) -> lis
     return diffs
 
 
+def manifest_settings(m: Manifest) -> dict[str, Any]:
+    """The manifest without the tokenizer's bytes, as plain data: what a swarm checkpoint records about its run."""
+    return {"protocol": m.protocol, "preset": m.preset, "tokenizer": m.tokenizer_fingerprint,
+            "model": m.model.model_dump(), "train": m.train.model_dump(), "round": m.round.model_dump()}
+
+
+def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``section.key: checkpoint X, this run Y`` for every setting that differs between two manifest_settings."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{sub}: checkpoint {a.get(sub)!r}, this run {b.get(sub)!r}"
+                      for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+        elif a != b:
+            diffs.append(f"{key}: checkpoint {a!r}, this run {b!r}")
+    return diffs
+
+
 def agree_on_manifest(calls: DHTCalls, identity: Identity, proposal: Manifest, explicit: set[str], *,
                       join_existing: bool = False, settle_s: float = 3.0) -> RunManifest:
     """Find the run's manifest or create it; refuse if the user's explicit settings conflict with it."""
@@ -203,7 +224,13 @@ def adopt_manifest(cfg: RunConfig, manifest: Manifest) -> tuple[RunConfig, Token
     import dataclasses
 
     try:
-        tokenizer = tokenizer_from_json(zlib.decompress(manifest.tokenizer_json).decode("utf-8"))
+        # a zip bomb from a hostile manifest must not exhaust memory: real tokenizer files are a few MB
+        unpacker = zlib.decompressobj()
+        text = unpacker.decompress(manifest.tokenizer_json, MAX_TOKENIZER_JSON_BYTES)
+        if unpacker.unconsumed_tail:
+            raise SwarmError(f"the run's manifest carries a tokenizer larger than "
+                             f"{MAX_TOKENIZER_JSON_BYTES // 2**20} MB unpacked; refusing it")
+        tokenizer = tokenizer_from_json(text.decode("utf-8"))
     except (zlib.error, UnicodeDecodeError) as e:
         raise SwarmError(f"the run's manifest carries an unreadable tokenizer ({e})") from None
     if tokenizer.fingerprint != manifest.tokenizer_fingerprint:

@@ -23,7 +23,7 @@ import math
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -46,6 +46,9 @@ from photon_p2p.swarm.state import (
 from photon_p2p.train.metrics import MetricsWriter
 from photon_p2p.train.outer import OuterOptimizer
 from photon_p2p.train.session import LocalSession
+
+if TYPE_CHECKING:
+    from photon_p2p.cli.common import DeferredStop
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +103,17 @@ class RoundEngine:
         self.theta_hash = theta_hash(theta)
         self.last: RoundResult | None = None
         self._speed = 0.0
+        self.stop: DeferredStop | None = None  # set by the round loop: Ctrl-C/SIGTERM end the round early
+        self.left_cleanly = False  # True once we raised for a stop request at a point where state is consistent
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop is not None and self.stop.requested
+
+    def _leave(self) -> None:
+        """Honour Ctrl-C/SIGTERM: theta, outer state and round are those of the start of this round."""
+        self.left_cleanly = True
+        self.stop.raise_()
 
     # ------------------------------------------------------------------------------------------------------
     # state shared with donors (runs in the averager's state-sharing thread, under the averager's lock)
@@ -199,6 +213,8 @@ class RoundEngine:
                     break
                 if deadline is not None and steps > 0 and time.monotonic() >= deadline:
                     break
+                if self.stop_requested:
+                    break  # the round loop leaves without averaging; theta stays at the start of this round
                 result = s.train_step()
                 steps += 1
                 tokens += result.tokens
@@ -206,11 +222,16 @@ class RoundEngine:
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", refresh=False)
                 if steps % max(1, train.log_every) == 0:
-                    self.heartbeat.update(step=s.progress.step, tokens=s.progress.tokens, loss=result.loss,
+                    loss_now = result.loss if math.isfinite(result.loss) else None
+                    self.heartbeat.update(step=s.progress.step, tokens=s.progress.tokens, loss=loss_now,
                                           tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
         finally:
             bar.close()
         self._speed = tokens / max(time.perf_counter() - t0, 1e-9)
+        if losses:  # photon-status shows these: update them even when --log-every exceeds --local-steps
+            self.heartbeat.update(step=s.progress.step, tokens=s.progress.tokens,
+                                  loss=losses[-1] if math.isfinite(losses[-1]) else None,
+                                  tokens_per_s=self._speed)
         s.progress.step = start_step  # the global step advances when the round ends (agreed with the group)
         finite = [x for x in losses if math.isfinite(x)]
         return steps, tokens, (sum(finite) / len(finite) if finite else None)
@@ -242,6 +263,9 @@ class RoundEngine:
                                          allow_retries=False, wait=False)
             try:
                 while not control.done():
+                    if self.stop_requested:
+                        control.cancel()
+                        return None
                     # a straggler stops waiting as soon as the others have finished this round without it
                     if not control.began_allreduce and self.newest_round_elsewhere() > self.round:
                         control.cancel()
@@ -264,6 +288,8 @@ class RoundEngine:
         self.heartbeat.update(stage="training", round=self.round)
         steps, tokens, loss = self.train_local()
         step_before = s.progress.step
+        if self.stop_requested:
+            self._leave()
         if faults.at("nan_update", self.round) is not None:
             with torch.no_grad():
                 next(s.model.parameters()).fill_(float("nan"))
@@ -285,11 +311,14 @@ class RoundEngine:
         if newest > self.round:  # finished this round without us already: no point looking for a group
             return self._resync(newest, tokens, loss)
         outcome = self._average(steps, tokens, loss)
-        while outcome is None and rc.min_group_size > 1 and self.newest_round_elsewhere() <= self.round:
+        while (outcome is None and rc.min_group_size > 1 and not self.stop_requested
+               and self.newest_round_elsewhere() <= self.round):
             logger.info("round %d: waiting for a group of at least %d peers (--min-group-size)", self.round,
                         rc.min_group_size)
             outcome = self._average(steps, tokens, loss)
         allreduce_s = time.perf_counter() - t0
+        if self.stop_requested:
+            self._leave()  # this round's update is dropped; the others carry on without us
         if outcome is None:
             newest = self.newest_round_elsewhere()
             if newest > self.round:
