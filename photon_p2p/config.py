@@ -255,11 +255,20 @@ class SwarmConfig(Section):
                                           "in the run id is then an error, not a lonely new run)")
     local_only: bool = opt(False, help="train alone without starting a DHT node (nobody can join): the "
                                        "centralised baseline")
+    wait_for_peers: int = opt(1, metavar="N",
+                              help="before the first round of a new run, wait until N peers (this one included) are "
+                                   "ready, so that they all start averaging from round 0 (photon-swarm sets it); no "
+                                   "wait if the run is already under way")
+    wait_for_peers_timeout: float = opt(300.0, metavar="SEC",
+                                        help="stop waiting for --wait-for-peers after this long and start with the "
+                                             "peers that are there")
 
     def validate(self) -> None:
         self.require("run_id", bool(RUN_ID_PATTERN.match(self.run_id)),
                      "use 1-64 letters, digits, '-' or '_'")
         self.require("join_timeout", self.join_timeout > 0, "must be > 0")
+        self.require("wait_for_peers", self.wait_for_peers >= 1, "must be >= 1")
+        self.require("wait_for_peers_timeout", self.wait_for_peers_timeout > 0, "must be > 0")
         if self.local_only and self.initial_peers:
             raise ConfigError("--local-only and --initial-peers contradict each other: choose one")
 

@@ -158,6 +158,7 @@ def run_swarm(plan: SwarmPlan, display: Any) -> dict[str, Any]:
             args = _console("photon-peer") + shares[k] + [
                 "--initial-peers", entry, "--host-maddrs", LOOPBACK, "--threads", str(threads),
                 "--checkpoint-dir", "checkpoints", "--metrics-file", "metrics.jsonl", "--no-progress",
+                "--wait-for-peers", str(plan.peers),  # all start round 0 together, whoever loads its data first
                 *(["--resume"] if not plan.fresh else []), *plan.peer_args]
             member = _spawn(args, name, plan.workdir, env)
             member.metrics = member.dir / "metrics.jsonl"

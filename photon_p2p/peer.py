@@ -184,6 +184,7 @@ def _round_loop(cfg: RunConfig, engine, session: LocalSession, metrics: MetricsW
     engine.stop = stop
     try:
         with stop:
+            engine.wait_for_peers()
             while session.progress.step < train.max_steps:
                 before = session.progress.step
                 result = engine.run_round()

@@ -2,8 +2,8 @@
 
 Proves: three peers, each training on its own third of the data and merging every 20 steps, reach a lower
 validation loss than one peer trained on its third for the same number of steps (same model, batch, schedule,
-same held-out documents). Also proves photon-swarm runs a bootstrap and three peers to completion, reports the
-communication saved, and leaves no process behind.
+same held-out documents). Also proves photon-swarm runs a bootstrap and three peers to completion, starting
+round 0 together, reports the communication saved, and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ def test_three_peer_swarm_beats_one_peer_on_its_third(procs, tmp_path, shared_da
     left = all_gone(descendants, timeout=20)
     assert not left, f"photon-swarm left processes behind: {[(p.pid, p.name()) for p in left]}"
 
+    # --wait-for-peers (set by photon-swarm): nobody trained round 0 alone while the others were still loading
+    for k in range(3):
+        first = json.loads((tmp_path / "run" / f"peer-{k}" / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["round"] == 0, f"peer-{k} started at round {first['round']}: the peers did not start together"
     swarm_losses = [_final_val_loss(tmp_path / "run" / f"peer-{k}" / "metrics.jsonl") for k in range(3)]
     solo_loss = _final_val_loss(solo.dir / "metrics.jsonl")
     # every peer ends with the same theta, hence the same validation loss on the same held-out documents

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 MATCHMAKING_SLACK_S = 3.0  # on top of --matchmaking-time: lets a lone leader time out and report cleanly
 HEARTBEAT_POLL_S = 1.0  # how often a peer waiting for a group checks whether the swarm moved on
 DOWNLOAD_ATTEMPTS = 4
+_READY_STAGES = ("ready", "training", "averaging")  # heartbeat stages of a peer that has finished starting up
 
 
 @dataclass
@@ -189,6 +190,35 @@ class RoundEngine:
             self.sync_from_swarm(reason=f"swarm is at round {newest}, we are at {self.round}", min_round=newest)
         else:
             self._set_global(round_=self.round, step=self.session.progress.step)
+
+    def wait_for_peers(self) -> None:
+        """--wait-for-peers N: the peers of a new run start round 0 together, instead of the first one up training
+        alone (and the others downloading its solo theta) while the rest are still loading their data."""
+        sw = self.cfg.swarm
+        self.heartbeat.update(stage="ready", publish_now=True)
+        if sw.wait_for_peers <= 1 or self.round > 0:
+            return
+        deadline = time.monotonic() + sw.wait_for_peers_timeout
+        next_log = time.monotonic() + 10.0
+        while True:
+            peers = self.live_peers().values()
+            if any(hb.round > self.round for hb in peers):
+                return  # the run is under way already: the first round re-syncs
+            ready = 1 + sum(1 for hb in peers if hb.round == self.round and hb.stage in _READY_STAGES)
+            if ready >= sw.wait_for_peers:
+                logger.info("%d peers ready: starting round %d", ready, self.round)
+                return
+            if self.stop_requested:
+                self._leave()
+            now = time.monotonic()
+            if now >= deadline:
+                logger.warning("only %d of %d peers ready after %.0fs (--wait-for-peers-timeout): starting anyway",
+                               ready, sw.wait_for_peers, sw.wait_for_peers_timeout)
+                return
+            if now >= next_log:
+                logger.info("waiting for peers: %d of %d ready (--wait-for-peers)", ready, sw.wait_for_peers)
+                next_log = now + 10.0
+            time.sleep(0.5)
 
     # ------------------------------------------------------------------------------------------------------
     # one round
