@@ -26,3 +26,13 @@ def procs(tmp_path: Path):
     pool = ProcessPool(tmp_path)
     yield pool
     pool.close()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ctrl_c_reaches_children():
+    """Processes a test starts must stop on Ctrl-C, even after a test left SIGINT ignored in the pytest process
+    (hivemind's averager does that to its caller; see tests.helpers.swarm.default_sigint)."""
+    from tests.helpers.swarm import default_sigint
+
+    with default_sigint():
+        yield

@@ -27,7 +27,6 @@ from tests.helpers.procs import MADDR_RE, all_gone, console
 from tests.helpers.swarm import (
     PASTE_RE,
     assert_one_line_error,
-    default_sigint,
     dht_client,
     peer_args,
     run_cli,
@@ -37,13 +36,6 @@ from tests.helpers.swarm import (
     wait_for_heartbeats,
     write_corpus,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _ctrl_c_reaches_children():
-    """Processes started here must stop on SIGINT even after an averager test left SIGINT ignored in pytest."""
-    with default_sigint():
-        yield
 
 
 def free_port() -> int:

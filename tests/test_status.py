@@ -28,7 +28,6 @@ from photon_p2p.status import CLEAR_SCREEN, count_parameters, human_count, rende
 from tests.helpers.procs import LOOPBACK, ProcessPool, all_gone, console
 from tests.helpers.swarm import (
     assert_one_line_error,
-    default_sigint,
     micro_manifest,
     peer_args,
     run_cli_batch,
@@ -37,14 +36,6 @@ from tests.helpers.swarm import (
     wait_for_heartbeats,
     write_corpus,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _ctrl_c_reaches_children():
-    """Processes started here must stop on SIGINT even after an averager test left SIGINT ignored in pytest."""
-    with default_sigint():
-        yield
-
 
 RUN = "t"
 

@@ -21,7 +21,6 @@ import pytest
 from tests.helpers.procs import LOOPBACK, console
 from tests.helpers.swarm import (
     assert_one_line_error,
-    default_sigint,
     dht_client,
     peer_args,
     python_script,
@@ -31,14 +30,6 @@ from tests.helpers.swarm import (
     wait_for_heartbeats,
     write_corpus,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _ctrl_c_reaches_children():
-    """Processes started here must stop on SIGINT even after an averager test left SIGINT ignored in pytest."""
-    with default_sigint():
-        yield
-
 
 PROBE = Path(__file__).resolve().parent / "helpers" / "join_probe.py"
 PROBES, ITERATIONS = 4, 10
