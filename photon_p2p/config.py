@@ -20,13 +20,12 @@ import argparse
 import dataclasses
 import difflib
 import re
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
-
-import tomllib
 
 from photon_p2p.errors import ConfigError
 
