@@ -247,3 +247,18 @@ def test_run_config_dict_round_trip():
     assert again == cfg
     with pytest.raises(ConfigError, match="checkpoint: unknown key 'train.bogus'"):
         RunConfig.from_dict({"train": {"bogus": 1}}, origin="checkpoint")
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("peer", ["--bogus"]), ("bootstrap", ["--bogus"]), ("status", ["--run-id", "x"]), ("swarm", ["--bogus"]),
+    ("export", ["--bogus"]), ("tokenizer", ["train", "--vocab-size", "many"]),
+])
+def test_every_cli_reports_a_bad_flag_in_one_line(capsys, module, argv):
+    import importlib
+
+    main = importlib.import_module(f"photon_p2p.cli.{module}").main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "--help" in err, err

@@ -7,7 +7,7 @@ import sys
 
 from photon_p2p import __version__
 from photon_p2p.bootstrap import SECTIONS, BootstrapConfig
-from photon_p2p.cli.common import run_main, setup_logging
+from photon_p2p.cli.common import ArgumentParser, run_main, setup_logging
 from photon_p2p.config import add_section_arguments, build_config
 
 DESCRIPTION = """\
@@ -27,7 +27,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="photon-bootstrap", description=DESCRIPTION, epilog=EPILOG,
+    parser = ArgumentParser(prog="photon-bootstrap", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (flags override it)")
     parser.add_argument("--version", action="version", version=f"photon-p2p {__version__}")

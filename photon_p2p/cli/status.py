@@ -7,7 +7,7 @@ import logging
 import sys
 
 from photon_p2p import __version__
-from photon_p2p.cli.common import run_main, setup_logging
+from photon_p2p.cli.common import ArgumentParser, run_main, setup_logging
 from photon_p2p.config import RUN_ID_PATTERN
 from photon_p2p.errors import ConfigError
 from photon_p2p.status import StatusOptions, run_status
@@ -28,7 +28,7 @@ run id: the error lists the run ids seen)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="photon-status", description=DESCRIPTION, epilog=EPILOG,
+    parser = ArgumentParser(prog="photon-status", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
                         help="multiaddrs of any live peer or bootstrap node, e.g. "

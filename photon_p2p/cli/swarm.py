@@ -104,9 +104,10 @@ def _num(x: Any, digits: int = 3) -> str:
 
 
 def _row(r: dict[str, Any]) -> str:
+    ppl = f" | val ppl {_num(r['val_ppl'], 2)}" if r.get("val_ppl") is not None else ""
     return (f"round {r['round']} | step {r['step']} | {r['outcome']} | group {r['group_size']} | "
-            f"loss {_num(r.get('loss'))} | all-reduce {r.get('allreduce_s', 0):.2f}s | "
-            f"sent {r.get('bytes_sent', 0):,} B")
+            f"{r.get('tokens', 0):,} tok | loss {_num(r.get('loss'))}{ppl} | "
+            f"all-reduce {r.get('allreduce_s', 0):.2f}s | sent {r.get('bytes_sent', 0):,} B")
 
 
 def print_summary(summary: dict[str, Any]) -> None:

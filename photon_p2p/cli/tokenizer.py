@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from photon_p2p.cli.common import progress_enabled, run_main, setup_logging
+from photon_p2p.cli.common import ArgumentParser, progress_enabled, run_main, setup_logging
 from photon_p2p.errors import DataError
 
 SAMPLE = "To be, or not to be, that is the question: naïve café 日本"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="photon-tokenizer",
         description="Train a byte-level BPE tokenizer on your text, or inspect a tokenizer file.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
