@@ -147,3 +147,22 @@ def test_straggler_drops_its_stale_update_and_resyncs(procs, tmp_path):
     later = [r for r in late_r if r > 6 and late_r[r]["outcome"] == "averaged" and late_r[r]["group_size"] == 3]
     assert later, f"the straggler never rejoined a full group: {[(r, x['outcome']) for r, x in late_r.items()]}"
     assert any(late_r[r]["theta_hash"] == a_r[r]["theta_hash"] for r in later), "never back in step with the others"
+
+
+def test_client_mode_peer_averages_through_peers_that_accept_connections(procs, tmp_path):
+    """A volunteer behind NAT (--client-mode: no incoming connections) still contributes: it joins the groups led by
+    reachable peers, sends its delta and receives the average, and ends every round with the same theta."""
+    cache = tmp_path / "cache"
+    entry = start_bootstrap(procs)
+    quorum = ["--min-group-size", "2"]
+    open_ = start_peer(procs, "open", run_id="nat", cache=cache, initial_peers=[entry], max_steps=30, extra=quorum)
+    hidden = start_peer(procs, "hidden", run_id="nat", cache=cache, initial_peers=[entry], max_steps=30,
+                        extra=quorum + ["--client-mode"])
+    for p in (open_, hidden):
+        finish(p, 240)
+    assert "others can join this run" not in hidden.output(), "a client-mode peer has no address to hand out"
+    ro, rh = rounds(open_), rounds(hidden)
+    assert sorted(rh) == list(range(6)) and all(r["outcome"] == "averaged" for r in rh.values()), rh
+    assert all(ro[r]["theta_hash"] == rh[r]["theta_hash"] for r in rh)
+    # the client sends its whole delta and reduces nothing itself (nobody can connect to it)
+    assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in rh.values())

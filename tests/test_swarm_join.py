@@ -3,7 +3,9 @@
 hivemind issue #624 reports DHTs that split when several nodes start together on localhost. The one-swarm test
 starts four join probes (tests/helpers/join_probe.py: exactly photon-peer's join and heartbeat code, without the
 training) through one photon-bootstrap at the same instant - a barrier file releases them together - and checks
-that every probe sees all four heartbeats; ten times in a row, each time with fresh nodes and identities. Then four
+that every probe sees all four heartbeats and that all four agreed on one manifest; ten times in a row, each time
+with fresh nodes and identities. Four probes creating one run at the same instant with conflicting settings end
+with one run and three refusals naming the differing field. Then four
 real photon-peer processes started at once must also end up as one run (one manifest, four live peers in
 photon-status). A plain ``hivemind-dht`` (what people already run) serves as the bootstrap for photon-peer and
 photon-status. A malformed or unreachable --initial-peers makes photon-peer exit with one ``error:`` line.
@@ -76,6 +78,7 @@ def test_simultaneous_joins_form_one_swarm_ten_times(procs, tmp_path):
         assert len(set(ids)) == PROBES
         for r in results:
             assert r["saw"] == ids, f"iteration {i}: split swarm, {r['name']} saw {len(r['saw'])}: {results}"
+        assert len({r["manifest"] for r in results}) == 1, f"iteration {i}: a split run: {results}"
         # diagnostic only: how many of the other probes each one knows directly (its DHT routing table)
         known = min(len(set(r["routing_table"]) & (set(ids) - {r["peer"]})) for r in results)
         report.append((max(r["seconds"] for r in results), known))
@@ -83,6 +86,46 @@ def test_simultaneous_joins_form_one_swarm_ten_times(procs, tmp_path):
         assert probe.wait(60) == 0, probe.output()[-3000:]
     print(f"one swarm in all {ITERATIONS} iterations; (slowest probe's seconds to see all, fewest other probes in a "
           f"routing table) per iteration: {report}")
+
+
+@pytest.mark.slow
+def test_simultaneous_creators_with_conflicting_settings_all_but_one_refused(procs, tmp_path):
+    """Four probes create the same new run at the same instant, each asking for another --local-steps: exactly one
+    proposal becomes the run, and each other probe is refused with the field that differs (three times)."""
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    address = barrier / "bootstrap-address"
+    iterations = 3
+    probes = [procs.start(python_script(PROBE) + ["--bootstrap", f"@{address}", "--workdir", str(barrier),
+                                                  "--name", f"p{k}", "--expect", "1", "--local-steps", str(5 + k),
+                                                  "--iterations", str(iterations), "--timeout", "30",
+                                                  "--run-prefix", "clash"],
+                          name=f"probe{k}", env=QUIET_TORCH) for k in range(PROBES)]
+    _, boot_maddr = start_bootstrap(procs, tmp_path)
+    address.write_text(boot_maddr)
+    for probe in probes:
+        probe.wait_for(r'\{"ready"', 120)
+    for i in range(iterations):
+        (barrier / f"go-{i}").touch()
+        deadline = time.monotonic() + 60
+        while True:
+            results = [[r for r in _json_lines(p) if r.get("iteration") == i] for p in probes]
+            if all(results):
+                break
+            assert time.monotonic() < deadline, f"iteration {i}: no result from every probe"
+            time.sleep(0.1)
+        results = [r[0] for r in results]
+        (barrier / f"stop-{i}").touch()
+        accepted = [r for r in results if "manifest" in r]
+        assert len(accepted) == 1, f"iteration {i}: {len(accepted)} runs instead of one: {results}"
+        winner_steps = 5 + int(accepted[0]["name"][1:])
+        for r in results:
+            if "refused" in r:
+                mine = 5 + int(r["name"][1:])
+                assert f"run 'clash{i}' exists with different settings" in r["refused"], r
+                assert f"round.local_steps: run {winner_steps}, yours {mine}" in r["refused"], r
+    for probe in probes:
+        assert probe.wait(60) == 0, probe.output()[-3000:]
 
 
 @pytest.mark.slow

@@ -2,11 +2,12 @@
 
 Per iteration i it waits for the file ``<workdir>/go-<i>`` (the barrier that makes all probes start at the same
 instant), then does what ``photon_p2p.peer.run_swarm_peer`` does to join and announce itself - ``start_dht`` with
-the bootstrap as initial peer, a fresh RSA identity, loopback address; a signed manifest; a ``HeartbeatPublisher``
-- and polls ``read_heartbeats`` until it sees ``--expect`` peer IDs or ``--timeout`` passes. It prints one JSON line
-per iteration, then keeps beating until ``<workdir>/stop-<i>`` appears (so slower probes can still see it), and
-shuts its DHT down before the next iteration. Importing torch and hivemind once for all iterations is what makes
-ten rounds of four joins affordable on two cores.
+the bootstrap as initial peer, a fresh RSA identity, loopback address; ``agree_on_manifest`` on a new run (refused
+if another probe's conflicting proposal wins); a ``HeartbeatPublisher`` - and polls ``read_heartbeats`` until it
+sees ``--expect`` peer IDs or ``--timeout`` passes. It prints one JSON line per iteration, then keeps beating until
+``<workdir>/stop-<i>`` appears (so slower probes can still see it), and shuts its DHT down before the next
+iteration. Importing torch and hivemind once for all iterations is what makes ten rounds of four joins affordable on
+two cores.
 
     python tests/helpers/join_probe.py --bootstrap MADDR --workdir DIR --name p0 --expect 4 --iterations 10
 """
@@ -45,17 +46,22 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to see everyone, per iteration")
     parser.add_argument("--run-prefix", default="probe", help="iteration i uses run id <prefix><i>")
+    parser.add_argument("--local-steps", type=int, default=5,
+                        help="the --local-steps this probe asks for explicitly when it agrees on the run's manifest "
+                             "(give the probes different values to make them conflict)")
     args = parser.parse_args()
 
     from photon_p2p.cli.common import quiet_hivemind, setup_logging
 
     setup_logging("warning")
     quiet_hivemind("warning")
+    from photon_p2p.errors import SwarmError
     from photon_p2p.swarm.dht import DHTCalls, start_dht, stop_dht, visible_maddrs
     from photon_p2p.swarm.heartbeat import HeartbeatPublisher, read_heartbeats
     from photon_p2p.swarm.identity import Identity
+    from photon_p2p.swarm.manifest import agree_on_manifest
     from photon_p2p.swarm.records import RejectCounter
-    from tests.helpers.swarm import micro_manifest, signed_run
+    from tests.helpers.swarm import micro_manifest
 
     print(json.dumps({"ready": args.name}), flush=True)
     for i in range(args.iterations):
@@ -74,7 +80,14 @@ def main() -> int:
                             join_timeout=30)
             joined_s = time.monotonic() - started
             calls = DHTCalls(dht)
-            run = signed_run(micro_manifest(run_id), identity)
+            proposal = micro_manifest(run_id, local_steps=args.local_steps)
+            try:  # exactly what photon-peer does with its own settings, --local-steps given explicitly
+                run = agree_on_manifest(calls, identity, proposal, {"round.local_steps"})
+            except SwarmError as e:
+                print(json.dumps({"iteration": i, "name": args.name, "peer": identity.peer_id.to_base58(),
+                                  "refused": str(e)}), flush=True)
+                wait_for_file(args.workdir / f"stop-{i}", timeout=args.timeout + 60)
+                continue
             publisher = HeartbeatPublisher(calls, identity, run, device="cpu", client_mode=False,
                                            maddrs=visible_maddrs(dht)).start()
             seen: dict = {}
@@ -88,8 +101,8 @@ def main() -> int:
                 time.sleep(0.25)
             routing = dht.run_coroutine(_routing_table)
             print(json.dumps({"iteration": i, "name": args.name, "peer": identity.peer_id.to_base58(),
-                              "saw": sorted(seen), "routing_table": routing, "join_s": round(joined_s, 2),
-                              "reads": reads,
+                              "manifest": run.hash, "saw": sorted(seen), "routing_table": routing,
+                              "join_s": round(joined_s, 2), "reads": reads,
                               "seconds": round(time.monotonic() - started, 2)}), flush=True)
             wait_for_file(args.workdir / f"stop-{i}", timeout=args.timeout + 60)
         finally:
