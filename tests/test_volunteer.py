@@ -1,0 +1,67 @@
+"""A volunteer needs nothing but an address, the run id and their own data: the rest comes from the run's manifest.
+
+The creator starts run ``vol`` with a BPE tokenizer file of its own, the micro model, 4 local steps, a 24-step
+budget, a smaller batch, another learning rate and DiLoCo's Nesterov outer optimizer. The volunteer runs
+``photon-peer --initial-peers ADDR --run-id vol --data ITS_OWN_TEXT`` plus per-peer choices only (where to listen,
+threads, checkpoint and metrics files), in a directory that holds no tokenizer file. Proves that the volunteer
+trains with the creator's tokenizer (same fingerprint, from the manifest's bytes), model and recipe, averages every
+round with the creator and ends each round with the same theta, and that its checkpoint records the run's settings.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers.peers import finish, rounds, start_bootstrap
+from tests.helpers.procs import LOOPBACK, console
+from tests.helpers.swarm import run_cli, write_corpus
+
+pytestmark = pytest.mark.slow
+
+
+def test_volunteer_gets_model_tokenizer_and_recipe_from_the_manifest(procs, tmp_path):
+    from photon_p2p.data import load_tokenizer
+    from photon_p2p.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    creator_data = write_corpus(tmp_path / "creator-text", seed=1)
+    volunteer_data = write_corpus(tmp_path / "volunteer-text", seed=2)
+    tok = tmp_path / "creator-only" / "tok.json"
+    made = run_cli(console("photon-tokenizer") + ["train", "--data", str(creator_data), "--vocab-size", "320",
+                                                  "--output", str(tok)], tmp_path / "tokenizer")
+    assert made.returncode == 0, made.stderr
+    entry = start_bootstrap(procs)
+    per_peer = ["--host-maddrs", LOOPBACK, "--threads", "1", "--no-progress", "--metrics-file", "metrics.jsonl",
+                "--checkpoint-dir", "ckpt", "--min-group-size", "2", "--eval-every", "0", "--eval-batches", "2"]
+    creator = procs.start(console("photon-peer") + [
+        "--initial-peers", entry, "--run-id", "vol", "--data", str(creator_data), "--tokenizer", str(tok),
+        "--model", "micro", "--local-steps", "4", "--max-steps", "24", "--batch-size", "4", "--lr", "2e-3",
+        "--outer-optimizer", "nesterov", "--compression", "none", "--cache-dir", str(tmp_path / "c1"), *per_peer],
+        "creator")
+    creator.wait_for(r"started run 'vol'", 120)
+    volunteer = procs.start(console("photon-peer") + [
+        "--initial-peers", entry, "--run-id", "vol", "--data", str(volunteer_data),
+        "--cache-dir", str(tmp_path / "c2"), *per_peer], "volunteer")
+    for p in (creator, volunteer):
+        finish(p, 300)
+    assert "joining run 'vol' created by" in volunteer.output()
+    assert not list(volunteer.dir.glob("*.json")), "the volunteer's directory should hold no tokenizer file"
+
+    rc, rv = rounds(creator), rounds(volunteer)
+    assert sorted(rv) == list(range(6)), f"24 steps of 4 are six rounds: {sorted(rv)}"
+    for r, rec in rv.items():
+        assert rec["outcome"] == "averaged" and rec["group_size"] == 2, rec
+        assert rec["step"] == 4 * (r + 1)
+        assert rec["theta_hash"] == rc[r]["theta_hash"], f"round {r}: different theta"
+
+    ckpt = load_checkpoint(latest_checkpoint(volunteer.dir / "ckpt"))
+    assert ckpt.meta["tokenizer"] == load_tokenizer(str(tok)).fingerprint
+    assert json.loads((ckpt.path / "tokenizer.json").read_text()) == json.loads(tok.read_text())
+    cfg = ckpt.meta["config"]
+    assert cfg["model"]["preset"] == "micro"
+    assert cfg["round"]["local_steps"] == 4 and cfg["round"]["outer_optimizer"] == "nesterov"
+    assert cfg["round"]["compression"] == "none"
+    assert cfg["train"]["max_steps"] == 24 and cfg["train"]["batch_size"] == 4 and cfg["train"]["lr"] == 2e-3
+    assert ckpt.meta["model_args"]["vocab_size"] == 320  # the tokenizer's 320 tokens, already a multiple of 64
+    assert ckpt.state["round"] == 6 and ckpt.state["progress"]["step"] == 24
