@@ -46,34 +46,49 @@ def _json_lines(proc) -> list[dict]:
     return out
 
 
-@pytest.mark.slow
-def test_simultaneous_joins_form_one_swarm_ten_times(procs, tmp_path):
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    address = barrier / "bootstrap-address"
-    probes = [procs.start(python_script(PROBE) + ["--bootstrap", f"@{address}", "--workdir", str(barrier),
-                                                  "--name", f"p{k}", "--expect", str(PROBES),
-                                                  "--iterations", str(ITERATIONS), "--timeout", "30"],
-                          name=f"probe{k}", env=QUIET_TORCH) for k in range(PROBES)]
-    _, boot_maddr = start_bootstrap(procs, tmp_path)  # while the probes import torch and hivemind
-    address.write_text(boot_maddr)
-    for probe in probes:
-        probe.wait_for(r'\{"ready"', 120)  # imports done: from here on, the start is simultaneous
+class Probes:
+    """Four join probes released together by barrier files (see tests/helpers/join_probe.py), one result each per
+    iteration. They import torch and hivemind while the bootstrap node starts."""
 
-    report = []
-    for i in range(ITERATIONS):
-        (barrier / f"go-{i}").touch()
+    def __init__(self, procs, tmp_path, iterations: int, per_probe=lambda k: []):
+        self.barrier = tmp_path / "barrier"
+        self.barrier.mkdir()
+        address = self.barrier / "bootstrap-address"
+        self.procs = [procs.start(python_script(PROBE) + ["--bootstrap", f"@{address}", "--workdir", str(self.barrier),
+                                                          "--name", f"p{k}", "--iterations", str(iterations),
+                                                          "--timeout", "30", *per_probe(k)],
+                                  name=f"probe{k}", env=QUIET_TORCH) for k in range(PROBES)]
+        _, boot_maddr = start_bootstrap(procs, tmp_path)
+        address.write_text(boot_maddr)
+        for probe in self.procs:
+            probe.wait_for(r'\{"ready"', 120)  # imports done: from here on, the start is simultaneous
+
+    def iteration(self, i: int) -> list[dict]:
+        """Release every probe for iteration ``i`` and collect their results."""
+        (self.barrier / f"go-{i}").touch()
         deadline = time.monotonic() + 60
         while True:
-            results = [[r for r in _json_lines(p) if r.get("iteration") == i] for p in probes]
+            results = [[r for r in _json_lines(p) if r.get("iteration") == i] for p in self.procs]
             if all(results):
                 break
-            for p in probes:
+            for p in self.procs:
                 assert p.alive(), f"{p.name} died in iteration {i}:\n{p.output()[-3000:]}"
             assert time.monotonic() < deadline, f"iteration {i}: no result from every probe"
             time.sleep(0.1)
-        results = [r[0] for r in results]
-        (barrier / f"stop-{i}").touch()
+        (self.barrier / f"stop-{i}").touch()
+        return [r[0] for r in results]
+
+    def finish(self) -> None:
+        for probe in self.procs:
+            assert probe.wait(60) == 0, probe.output()[-3000:]
+
+
+@pytest.mark.slow
+def test_simultaneous_joins_form_one_swarm_ten_times(procs, tmp_path):
+    probes = Probes(procs, tmp_path, ITERATIONS, lambda k: ["--expect", str(PROBES)])
+    report = []
+    for i in range(ITERATIONS):
+        results = probes.iteration(i)
         ids = sorted(r["peer"] for r in results)
         assert len(set(ids)) == PROBES
         for r in results:
@@ -82,8 +97,7 @@ def test_simultaneous_joins_form_one_swarm_ten_times(procs, tmp_path):
         # diagnostic only: how many of the other probes each one knows directly (its DHT routing table)
         known = min(len(set(r["routing_table"]) & (set(ids) - {r["peer"]})) for r in results)
         report.append((max(r["seconds"] for r in results), known))
-    for probe in probes:
-        assert probe.wait(60) == 0, probe.output()[-3000:]
+    probes.finish()
     print(f"one swarm in all {ITERATIONS} iterations; (slowest probe's seconds to see all, fewest other probes in a "
           f"routing table) per iteration: {report}")
 
@@ -92,30 +106,11 @@ def test_simultaneous_joins_form_one_swarm_ten_times(procs, tmp_path):
 def test_simultaneous_creators_with_conflicting_settings_all_but_one_refused(procs, tmp_path):
     """Four probes create the same new run at the same instant, each asking for another --local-steps: exactly one
     proposal becomes the run, and each other probe is refused with the field that differs (three times)."""
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    address = barrier / "bootstrap-address"
     iterations = 3
-    probes = [procs.start(python_script(PROBE) + ["--bootstrap", f"@{address}", "--workdir", str(barrier),
-                                                  "--name", f"p{k}", "--expect", "1", "--local-steps", str(5 + k),
-                                                  "--iterations", str(iterations), "--timeout", "30",
-                                                  "--run-prefix", "clash"],
-                          name=f"probe{k}", env=QUIET_TORCH) for k in range(PROBES)]
-    _, boot_maddr = start_bootstrap(procs, tmp_path)
-    address.write_text(boot_maddr)
-    for probe in probes:
-        probe.wait_for(r'\{"ready"', 120)
+    probes = Probes(procs, tmp_path, iterations,
+                    lambda k: ["--expect", "1", "--local-steps", str(5 + k), "--run-prefix", "clash"])
     for i in range(iterations):
-        (barrier / f"go-{i}").touch()
-        deadline = time.monotonic() + 60
-        while True:
-            results = [[r for r in _json_lines(p) if r.get("iteration") == i] for p in probes]
-            if all(results):
-                break
-            assert time.monotonic() < deadline, f"iteration {i}: no result from every probe"
-            time.sleep(0.1)
-        results = [r[0] for r in results]
-        (barrier / f"stop-{i}").touch()
+        results = probes.iteration(i)
         accepted = [r for r in results if "manifest" in r]
         assert len(accepted) == 1, f"iteration {i}: {len(accepted)} runs instead of one: {results}"
         winner_steps = 5 + int(accepted[0]["name"][1:])
@@ -124,8 +119,7 @@ def test_simultaneous_creators_with_conflicting_settings_all_but_one_refused(pro
                 mine = 5 + int(r["name"][1:])
                 assert f"run 'clash{i}' exists with different settings" in r["refused"], r
                 assert f"round.local_steps: run {winner_steps}, yours {mine}" in r["refused"], r
-    for probe in probes:
-        assert probe.wait(60) == 0, probe.output()[-3000:]
+    probes.finish()
 
 
 @pytest.mark.slow
