@@ -5,7 +5,6 @@ starting over. Also: --split by-file deals the files out, and flags photon-swarm
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from photon_p2p.errors import ConfigError
 from photon_p2p.launch import split_data
+from tests.helpers.peers import read_metrics
 from tests.helpers.procs import all_gone, console, wait_until
 
 ARGS = ["--peers", "2", "--data", "default", "--model", "micro", "--max-steps", "300", "--local-steps", "10",
@@ -21,9 +21,7 @@ ARGS = ["--peers", "2", "--data", "default", "--model", "micro", "--max-steps", 
 
 
 def _rounds(path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip() and '"round"' in line]
+    return [r for r in read_metrics(path) if "round" in r]
 
 
 @pytest.mark.slow
@@ -50,8 +48,8 @@ def test_ctrl_c_stops_everything_and_a_rerun_resumes(procs, tmp_path):
     for k, m in enumerate(metrics):
         rounds = _rounds(m)
         resumed = [r for r in rounds if r["round"] <= stopped_at[k]]
-        # every round appears once or (the one interrupted before its record) is redone; the rerun did not restart
-        # at round 0, and it ended at --max-steps
+        # the records from before the interrupt are kept, the rerun did not restart at round 0, and it ended at
+        # --max-steps
         assert [r["round"] for r in rounds].count(0) == 1, f"peer-{k} started over: {[r['round'] for r in rounds]}"
         assert resumed and rounds[-1]["step"] == 300
     assert "communication:" in again.stderr

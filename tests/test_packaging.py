@@ -1,9 +1,9 @@
 """The installable package is complete: a wheel built from this tree holds every module of ``photon_p2p`` and every
 console script points at a function that exists.
 
-``make test`` installs the project in editable mode, which imports straight from the source tree, so a
-sub-package that setuptools fails to find (one without ``__init__.py``) would pass every other test and still be
-missing from ``pip install photon-p2p``. This builds the real wheel to catch that.
+``make test`` installs the project in editable mode, which imports straight from the source tree, so a module that
+the packaging configuration leaves out (say, after a change to ``[tool.setuptools.packages.find]``) would pass every
+other test and still be missing from ``pip install photon-p2p``. This builds the real wheel to catch that.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ run id: the error lists the run ids seen)"""
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="photon-status", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
                         help="multiaddrs of any live peer or bootstrap node, e.g. "
                              "/ip4/203.0.113.5/tcp/31337/p2p/QmXYZ... (printed by photon-bootstrap and every peer)")

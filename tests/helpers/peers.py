@@ -36,7 +36,11 @@ def start_peer(pool: ProcessPool, name: str, env: dict[str, str] | None = None, 
 
 
 def records(proc: Proc) -> list[dict[str, Any]]:
-    path = proc.dir / "metrics.jsonl"
+    return read_metrics(proc.dir / "metrics.jsonl")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every complete record of a metrics file (none if it does not exist yet)."""
     if not path.exists():
         return []
     out = []
