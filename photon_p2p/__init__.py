@@ -3,6 +3,7 @@
 Sub-packages, one layer each:
   config.py   typed, validated configs (one per component) composed into RunConfig; TOML + flags
   errors.py   PhotonError: a user-facing problem, printed as one line by the CLIs (exit code 2)
+  runtime.py  signals and clean stops, hivemind log filtering, progress bars, stopping process groups
   model.py    the decoder-only transformer and its size presets
   data/       tokenizers, packed token shards on disk, the resumable batch sampler
   train/      inner optimizer loop, schedule, evaluation, checkpoints, HF export, outer optimizers

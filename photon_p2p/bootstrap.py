@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal, TextIO
 
 from photon_p2p.config import Section, opt
 from photon_p2p.errors import ConfigError, SwarmError
+from photon_p2p.runtime import quiet_hivemind
 
 logger = logging.getLogger(__name__)
 
@@ -38,44 +39,71 @@ class BootstrapConfig(Section):
 
     SECTION: ClassVar[str] = "bootstrap"
 
-    host_maddrs: list[str] = opt(default_factory=lambda: list(DEFAULT_HOST_MADDRS), metavar="MULTIADDR",
-                                 help="where to listen (default: all interfaces, TCP port 31337 and QUIC on UDP port "
-                                      "31337: " + " ".join(DEFAULT_HOST_MADDRS) + "); open these ports in the "
-                                      "firewall")
-    announce_maddrs: list[str] = opt(default_factory=list, metavar="MULTIADDR",
-                                     help="public addresses to announce instead of the ones this machine sees, e.g. "
-                                          "/ip4/203.0.113.5/tcp/31337 behind port forwarding (explicit ports only)")
-    identity_path: str | None = opt(None, metavar="FILE",
-                                    help="private key file: keeps the same peer ID (and so the same addresses) across "
-                                         "restarts; created with mode 0600 if missing. Without it, every start gets a "
-                                         "new peer ID and the addresses handed out stop working")
-    initial_peers: list[str] = opt(default_factory=list, metavar="MULTIADDR",
-                                   help="other bootstrap nodes (or any live peer) to join, so several bootstrap nodes "
-                                        "back each other up (default: start a new swarm)")
-    relay: bool = opt(True, help="circuit relay: relay connections for peers behind NAT that cannot accept "
-                                 "connections (once this node knows it is publicly reachable), and reach such peers "
-                                 "through relays; --no-relay turns both off")
-    use_auto_relay: bool = opt(False, help="only if THIS node is behind NAT: look for relays to become reachable "
-                                           "through them (a bootstrap node should rather have a public address)")
+    host_maddrs: list[str] = opt(
+        default_factory=lambda: list(DEFAULT_HOST_MADDRS),
+        metavar="MULTIADDR",
+        help="where to listen (default: all interfaces, TCP port 31337 and QUIC on UDP port "
+        "31337: " + " ".join(DEFAULT_HOST_MADDRS) + "); open these ports in the "
+        "firewall",
+    )
+    announce_maddrs: list[str] = opt(
+        default_factory=list,
+        metavar="MULTIADDR",
+        help="public addresses to announce instead of the ones this machine sees, e.g. "
+        "/ip4/203.0.113.5/tcp/31337 behind port forwarding (explicit ports only)",
+    )
+    identity_path: str | None = opt(
+        None,
+        metavar="FILE",
+        help="private key file: keeps the same peer ID (and so the same addresses) across "
+        "restarts; created with mode 0600 if missing. Without it, every start gets a "
+        "new peer ID and the addresses handed out stop working",
+    )
+    initial_peers: list[str] = opt(
+        default_factory=list,
+        metavar="MULTIADDR",
+        help="other bootstrap nodes (or any live peer) to join, so several bootstrap nodes "
+        "back each other up (default: start a new swarm)",
+    )
+    relay: bool = opt(
+        True,
+        help="circuit relay: relay connections for peers behind NAT that cannot accept "
+        "connections (once this node knows it is publicly reachable), and reach such peers "
+        "through relays; --no-relay turns both off",
+    )
+    use_auto_relay: bool = opt(
+        False,
+        help="only if THIS node is behind NAT: look for relays to become reachable "
+        "through them (a bootstrap node should rather have a public address)",
+    )
     force_reachability: Literal["auto", "public", "private"] = opt(
-        "auto", metavar="MODE",
+        "auto",
+        metavar="MODE",
         help="auto (let AutoNAT find out whether other peers can dial this node), public (skip the check: on a "
-             "server with a public address, so it serves as a relay right away) or private (behind NAT)")
-    join_timeout: float = opt(30.0, metavar="SEC",
-                              help="with --initial-peers: give up if none of them answers within this time")
-    status_period: float = opt(60.0, metavar="SEC",
-                               help="seconds between status log lines (DHT peers in the routing table, runs seen)")
-    log_level: Literal["debug", "info", "warning", "error"] = opt("info", metavar="LEVEL",
-                                                                  help="debug, info, warning or error")
+        "server with a public address, so it serves as a relay right away) or private (behind NAT)",
+    )
+    join_timeout: float = opt(
+        30.0, metavar="SEC", help="with --initial-peers: give up if none of them answers within this time"
+    )
+    status_period: float = opt(
+        60.0, metavar="SEC", help="seconds between status log lines (DHT peers in the routing table, runs seen)"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = opt(
+        "info", metavar="LEVEL", help="debug, info, warning or error"
+    )
 
     def validate(self) -> None:
         self.require("host_maddrs", bool(self.host_maddrs), "give at least one address to listen on")
-        self.require("force_reachability", self.force_reachability in ("auto", "public", "private"),
-                     "choose auto, public or private")
+        self.require(
+            "force_reachability",
+            self.force_reachability in ("auto", "public", "private"),
+            "choose auto, public or private",
+        )
         self.require("join_timeout", self.join_timeout > 0, "must be > 0")
         self.require("status_period", self.status_period >= 1, "must be at least 1 second")
-        self.require("log_level", self.log_level in ("debug", "info", "warning", "error"),
-                     "choose debug, info, warning or error")
+        self.require(
+            "log_level", self.log_level in ("debug", "info", "warning", "error"), "choose debug, info, warning or error"
+        )
 
 
 SECTIONS: tuple[type[Section], ...] = (BootstrapConfig,)
@@ -146,8 +174,6 @@ def paste_line(maddrs: list[str]) -> str:
 
 def run_bootstrap(cfg: BootstrapConfig, *, out: TextIO | None = None) -> int:
     """Run the node until SIGINT/SIGTERM (exit 0); raise SwarmError if it cannot start or its DHT process dies."""
-    from photon_p2p.cli.common import quiet_hivemind
-
     quiet_hivemind(cfg.log_level)
     from photon_p2p.swarm.dht import DHTCalls, start_dht, stop_dht, visible_maddrs
     from photon_p2p.swarm.identity import Identity
@@ -161,17 +187,29 @@ def run_bootstrap(cfg: BootstrapConfig, *, out: TextIO | None = None) -> int:
             identity = Identity.load_or_create(cfg.identity_path)
         else:
             identity = None
-            logger.warning("no --identity-path: this node gets a new peer ID on every start, so the addresses it "
-                           "prints stop working after a restart; pass --identity-path FILE for a stable one")
+            logger.warning(
+                "no --identity-path: this node gets a new peer ID on every start, so the addresses it "
+                "prints stop working after a restart; pass --identity-path FILE for a stable one"
+            )
         reachability = None if cfg.force_reachability == "auto" else cfg.force_reachability
-        dht = start_dht(initial_peers=cfg.initial_peers, host_maddrs=cfg.host_maddrs,
-                        announce_maddrs=cfg.announce_maddrs, identity=identity, client_mode=False,
-                        use_relay=cfg.relay, use_auto_relay=cfg.use_auto_relay, join_timeout=cfg.join_timeout,
-                        force_reachability=reachability)
+        dht = start_dht(
+            initial_peers=cfg.initial_peers,
+            host_maddrs=cfg.host_maddrs,
+            announce_maddrs=cfg.announce_maddrs,
+            identity=identity,
+            client_mode=False,
+            use_relay=cfg.relay,
+            use_auto_relay=cfg.use_auto_relay,
+            join_timeout=cfg.join_timeout,
+            force_reachability=reachability,
+        )
         maddrs = visible_maddrs(dht)
         peer_id = maddrs[0].rsplit("/p2p/", 1)[-1]
-        logger.info("bootstrap node %s is up%s; peers join with the line below (on stdout)", peer_id,
-                    f" (identity {identity.path})" if identity is not None else "")
+        logger.info(
+            "bootstrap node %s is up%s; peers join with the line below (on stdout)",
+            peer_id,
+            f" (identity {identity.path})" if identity is not None else "",
+        )
         print(paste_line(maddrs), file=out, flush=True)
         _serve(dht, DHTCalls(dht), cfg.status_period)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (GracefulExit): the normal way to stop a service
@@ -186,8 +224,10 @@ def _serve(dht: Any, calls: Any, period: float) -> None:
     next_report = time.monotonic()
     while True:
         if not dht.is_alive():
-            raise SwarmError(f"the DHT process died unexpectedly (exit code {dht.exitcode}); restart photon-bootstrap "
-                             f"(run it with --log-level debug to see why)")
+            raise SwarmError(
+                f"the DHT process died unexpectedly (exit code {dht.exitcode}); restart photon-bootstrap "
+                f"(run it with --log-level debug to see why)"
+            )
         if time.monotonic() >= next_report:
             try:
                 logger.info(reporter.line())

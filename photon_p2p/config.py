@@ -12,6 +12,21 @@ A TOML file has one table per component, keyed by the field names shown in ``pho
     lr = 3e-3
 
 Unknown tables or keys and values of the wrong type are one-line errors naming the key (with a suggestion).
+
+**Run settings** (what every peer of a run must share, carried by the run manifest) are declared here too, and only
+here: a field marked ``shared=True`` (or ``shared=Shared(...)``) in ``TrainConfig`` or ``RoundConfig`` is, with no
+other change anywhere, part of the manifest's schema (swarm/records.py builds ``TrainSettings`` and
+``RoundSettings`` from these fields: same names, the field's type, Literal choices kept), of its hash, of what a
+joining peer adopts and of the conflicts it refuses (swarm/manifest.py). Adding a shared setting is one line::
+
+    lookahead: int = opt(4, metavar="N", help="...", shared=True)          # or shared=Shared(ge=1): a lower bound
+
+A per-peer setting (device, micro-batch, timeouts) is a field without ``shared``. ``Shared(resolved=...)`` shares
+the value of a property instead of the raw field, for a default that depends on other fields (``warmup_steps``
+travels as ``TrainConfig.warmup``, ``outer_lr`` as ``RoundConfig.effective_outer_lr``): the manifest then holds the
+resolved number, so peers whose defaults would resolve differently cannot disagree silently. Adding, removing or
+renaming a shared field changes what peers exchange (the manifest's schema and hash; peers of the older version
+reject the new manifest): bump PROTOCOL_VERSION in swarm/records.py with it.
 """
 
 from __future__ import annotations
@@ -34,10 +49,21 @@ from photon_p2p.errors import ConfigError
 MODEL_PRESETS = ("micro", "tiny", "125m", "350m", "1b", "3b", "7b")
 
 
+@dataclass(frozen=True)
+class Shared:
+    """Marks a config field as a run setting: part of the run manifest, identical on every peer of a run."""
+
+    ge: int | None = None  # lower bound a manifest from another peer must respect (checked when it is read)
+    resolved: str | None = None  # share this property's value (never None) instead of the raw field
+    implied_by: tuple[str, ...] = ()  # fields of the section whose explicit setting also pins this one's value
+
+
 def opt(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, metavar: str | None = None,
-        default_factory: Any = dataclasses.MISSING, cli: bool = True) -> Any:
-    """A config field with its documentation; ``flag`` overrides the derived ``--field-name``."""
-    metadata = dict(help=help, flag=flag, metavar=metavar, cli=cli)
+        default_factory: Any = dataclasses.MISSING, cli: bool = True, shared: bool | Shared = False) -> Any:
+    """A config field with its documentation; ``flag`` overrides the derived ``--field-name``; ``shared`` makes it
+    a run setting (see the module docstring)."""
+    metadata = dict(help=help, flag=flag, metavar=metavar, cli=cli,
+                    shared=Shared() if shared is True else shared or None)
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -70,6 +96,22 @@ class Section:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def shared_fields(cls) -> dict[str, Shared]:
+        """This section's run settings, in declaration order (the manifest's field order)."""
+        return {f.name: f.metadata["shared"] for f in dataclasses.fields(cls) if f.metadata.get("shared")}
+
+    @classmethod
+    def shared_types(cls) -> dict[str, Any]:
+        """The type of each run setting in the manifest: the field's, but never None where the value is resolved."""
+        hints = _field_types(cls)
+        return {name: _unwrap_optional(hints[name])[0] if spec.resolved else hints[name]
+                for name, spec in cls.shared_fields().items()}
+
+    def shared_values(self) -> dict[str, Any]:
+        """The run settings as the manifest carries them: resolved where the field says so."""
+        return {name: getattr(self, spec.resolved or name) for name, spec in self.shared_fields().items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -138,16 +180,21 @@ class TrainConfig(Section):
 
     SECTION: ClassVar[str] = "train"
 
-    max_steps: int = opt(300, metavar="N", help="total optimizer steps (global inner steps in a swarm)")
-    batch_size: int = opt(16, metavar="N", help="sequences per optimizer step")
+    max_steps: int = opt(300, metavar="N", help="total optimizer steps (global inner steps in a swarm)",
+                         shared=Shared(ge=1))
+    batch_size: int = opt(16, metavar="N", help="sequences per optimizer step", shared=Shared(ge=1))
     micro_batch_size: int | None = opt(None, metavar="N",
                                        help="sequences per forward/backward pass; gradients are accumulated up to "
                                             "--batch-size (default: --batch-size). Lower it if you run out of memory")
-    lr: float = opt(1e-3, metavar="LR", help="peak learning rate of the inner AdamW")
-    warmup_steps: int | None = opt(None, metavar="N", help="linear warm-up steps (default: 10%% of --max-steps)")
-    alpha_f: float = opt(0.1, metavar="F", help="the cosine schedule decays to alpha_f x peak lr (Photon: 0.1)")
-    weight_decay: float = opt(0.1, metavar="W", help="AdamW weight decay (not applied to norms and biases)")
-    grad_clip: float = opt(1.0, metavar="NORM", help="clip the global gradient norm to this (0 disables)")
+    lr: float = opt(1e-3, metavar="LR", help="peak learning rate of the inner AdamW", shared=True)
+    warmup_steps: int | None = opt(None, metavar="N", help="linear warm-up steps (default: 10%% of --max-steps)",
+                                   shared=Shared(ge=0, resolved="warmup"))
+    alpha_f: float = opt(0.1, metavar="F", help="the cosine schedule decays to alpha_f x peak lr (Photon: 0.1)",
+                         shared=True)
+    weight_decay: float = opt(0.1, metavar="W", help="AdamW weight decay (not applied to norms and biases)",
+                              shared=True)
+    grad_clip: float = opt(1.0, metavar="NORM", help="clip the global gradient norm to this (0 disables)",
+                           shared=True)
     inner_optimizer: Literal["adamw", "adamw8bit"] = opt(
         "adamw", metavar="NAME", help="adamw (torch, fused on CUDA) or adamw8bit (bitsandbytes 8-bit states)")
     device: str = opt("auto", metavar="DEV", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
@@ -280,25 +327,33 @@ class RoundConfig(Section):
 
     SECTION: ClassVar[str] = "round"
 
-    local_steps: int = opt(100, metavar="N", help="inner steps per round (communication happens once per round)")
+    local_steps: int = opt(100, metavar="N", help="inner steps per round (communication happens once per round)",
+                           shared=Shared(ge=1))
     round_seconds: float | None = opt(None, metavar="SEC",
                                       help="instead of --local-steps, train as many steps as fit in this time "
-                                           "(uneven hardware finishes rounds together)")
+                                           "(uneven hardware finishes rounds together)", shared=True)
     reset_inner_optimizer: bool = opt(False, help="reset the inner AdamW moments at the start of every round "
-                                                  "(Photon's reset_optimizer)")
+                                                  "(Photon's reset_optimizer)", shared=True)
     outer_optimizer: Literal["fedavg", "nesterov", "fedadam"] = opt(
-        "fedavg", metavar="NAME", help="fedavg (plain averaging when lr=1), nesterov (DiLoCo) or fedadam")
+        "fedavg", metavar="NAME", help="fedavg (plain averaging when lr=1), nesterov (DiLoCo) or fedadam",
+        shared=True)
     outer_lr: float | None = opt(None, metavar="LR",
-                                 help="outer learning rate (default: 1.0 fedavg, 0.7 nesterov, 0.01 fedadam)")
-    outer_momentum: float = opt(0.9, metavar="M", help="momentum of the nesterov outer optimizer (beta1 of fedadam)")
+                                 help="outer learning rate (default: 1.0 fedavg, 0.7 nesterov, 0.01 fedadam)",
+                                 # an explicit --outer-optimizer asks for its default lr: refused if the run's differs
+                                 shared=Shared(resolved="effective_outer_lr", implied_by=("outer_optimizer",)))
+    outer_momentum: float = opt(0.9, metavar="M", help="momentum of the nesterov outer optimizer (beta1 of fedadam)",
+                                shared=True)
     compression: Literal["none", "fp16", "blockwise8bit"] = opt(
         "fp16", metavar="C", help="how pseudo-gradients travel: none (fp32, bit-exact), fp16 or blockwise8bit "
-                                  "(4x fewer bytes than fp32; pays off on slow links)")
+                                  "(4x fewer bytes than fp32; pays off on slow links)", shared=True)
     target_group_size: int | None = opt(None, metavar="N",
                                         help="largest all-reduce group (default: everyone ready for the round)")
     min_group_size: int = opt(1, metavar="N",
                               help="smallest group to accept; above 1 the peer waits for a quorum instead of "
                                    "training on alone")
+    quorum_timeout: float = opt(1800.0, metavar="SEC",
+                                help="with --min-group-size above 1: stop with an error (checkpoint kept) if no "
+                                     "group that large forms within this long")
     matchmaking_time: float = opt(10.0, metavar="SEC",
                                   help="how long to wait for peers to finish the same round. Increase it if peers "
                                        "on slower machines keep missing rounds")
@@ -321,6 +376,7 @@ class RoundConfig(Section):
             self.fail("min_group_size", f"must not exceed --target-group-size ({self.target_group_size})")
         self.require("matchmaking_time", self.matchmaking_time >= 1.0, "must be at least 1 second")
         self.require("allreduce_timeout", self.allreduce_timeout >= 1.0, "must be at least 1 second")
+        self.require("quorum_timeout", self.quorum_timeout > 0, "must be > 0")
 
     @property
     def effective_outer_lr(self) -> float:

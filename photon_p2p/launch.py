@@ -9,7 +9,6 @@ every process group and leaves nothing running.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from photon_p2p.errors import ConfigError
+from photon_p2p.runtime import signal_group, stop_groups
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ class Member:
         return self.popen.poll() is None
 
     def signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, sig)
+        signal_group(self.popen.pid, sig)
 
     def read_new(self) -> list[dict[str, Any]]:
         """Records appended to the metrics file since the last call (complete lines only)."""
@@ -81,8 +80,10 @@ def split_data(paths: list[str], peers: int, split: str) -> list[list[str]]:
 
     files = [str(f.path) for f in resolve_paths(paths)]
     if len(files) < peers:
-        raise ConfigError(f"--split by-file needs at least one file per peer: --data has {len(files)} file(s) for "
-                          f"--peers {peers}; use --split iid or more files")
+        raise ConfigError(
+            f"--split by-file needs at least one file per peer: --data has {len(files)} file(s) for "
+            f"--peers {peers}; use --split iid or more files"
+        )
     return [["--data", *files[k::peers]] for k in range(peers)]
 
 
@@ -102,8 +103,15 @@ def _spawn(args: list[str], name: str, workdir: Path, env: dict[str, str]) -> Me
     d.mkdir(parents=True, exist_ok=True)
     log = d / f"{name}.log"
     with log.open("wb") as out:
-        popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=d, env=env, start_new_session=True,
-                                 preexec_fn=_die_with_parent)
+        popen = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=d,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
     return Member(name=name, popen=popen, dir=d, log=log)
 
 
@@ -155,11 +163,27 @@ def run_swarm(plan: SwarmPlan, display: Any) -> dict[str, Any]:
         peers = []
         for k in range(plan.peers):
             name = f"peer-{k}"
-            args = _console("photon-peer") + shares[k] + [
-                "--initial-peers", entry, "--host-maddrs", LOOPBACK, "--threads", str(threads),
-                "--checkpoint-dir", "checkpoints", "--metrics-file", "metrics.jsonl", "--no-progress",
-                "--wait-for-peers", str(plan.peers),  # all start round 0 together, whoever loads its data first
-                *(["--resume"] if not plan.fresh else []), *plan.peer_args]
+            args = (
+                _console("photon-peer")
+                + shares[k]
+                + [
+                    "--initial-peers",
+                    entry,
+                    "--host-maddrs",
+                    LOOPBACK,
+                    "--threads",
+                    str(threads),
+                    "--checkpoint-dir",
+                    "checkpoints",
+                    "--metrics-file",
+                    "metrics.jsonl",
+                    "--no-progress",
+                    "--wait-for-peers",
+                    str(plan.peers),  # all start round 0 together, whoever loads its data first
+                    *(["--resume"] if not plan.fresh else []),
+                    *plan.peer_args,
+                ]
+            )
             member = _spawn(args, name, plan.workdir, env)
             member.metrics = member.dir / "metrics.jsonl"
             peers.append(member)
@@ -184,18 +208,9 @@ def run_swarm(plan: SwarmPlan, display: Any) -> dict[str, Any]:
 
 def stop_all(members: list[Member], grace: float = 15.0) -> None:
     """SIGTERM every process group (clean shutdown: peers save a checkpoint), then SIGKILL what is left."""
-    for m in members:
-        if m.alive():
-            m.signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for m in members:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            m.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-    for m in members:
-        m.signal(signal.SIGKILL)  # stragglers, and any p2pd or helper left in the group
-        try:
-            m.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+    codes = stop_groups([m.popen for m in members], grace=grace, sig=signal.SIGTERM)
+    for m, code in zip(members, codes, strict=True):
+        if code is None:
             logger.warning("%s (pid %d) did not exit", m.name, m.popen.pid)
 
 
@@ -211,10 +226,15 @@ def summarize(peers: list[Member]) -> dict[str, Any]:
         total_sent += sent
         steps = max((r.get("step", 0) for r in p.rounds), default=0)
         total_steps = max(total_steps, steps)
-        out["peers"][p.name] = dict(rounds=len(p.rounds), steps=steps, bytes_sent=sent,
-                                    val_loss=last_eval.get("val_loss"), val_ppl=last_eval.get("val_ppl"),
-                                    first_loss=p.rounds[0].get("loss") if p.rounds else None,
-                                    last_loss=p.rounds[-1].get("loss") if p.rounds else None)
+        out["peers"][p.name] = dict(
+            rounds=len(p.rounds),
+            steps=steps,
+            bytes_sent=sent,
+            val_loss=last_eval.get("val_loss"),
+            val_ppl=last_eval.get("val_ppl"),
+            first_loss=p.rounds[0].get("loss") if p.rounds else None,
+            last_loss=p.rounds[-1].get("loss") if p.rounds else None,
+        )
         params = params or _param_count(p)
     out["bytes_sent_total"] = total_sent
     if params and total_steps and n > 1:

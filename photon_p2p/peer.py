@@ -15,17 +15,17 @@ from typing import Any
 
 import torch
 
-from photon_p2p.cli.common import DeferredStop, progress_enabled
 from photon_p2p.config import RunConfig
 from photon_p2p.data import load_tokenizer
 from photon_p2p.errors import CheckpointError
 from photon_p2p.model import Transformer
+from photon_p2p.runtime import progress_enabled, quiet_hivemind
 from photon_p2p.train.checkpoint import Checkpoint
 from photon_p2p.train.inner import resolve_device
 from photon_p2p.train.metrics import MetricsWriter
 from photon_p2p.train.outer import make_outer_optimizer
 from photon_p2p.train.session import LocalSession, resolve_model_args
-from photon_p2p.train.solo import checkpoint_to_resume, format_eval_line
+from photon_p2p.train.solo import checkpoint_to_resume
 
 logger = logging.getLogger(__name__)
 
@@ -65,20 +65,20 @@ def _print_join_hint(maddrs: list[str], run_id: str) -> None:
 
 
 def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
-    from photon_p2p.cli.common import quiet_hivemind
-
     quiet_hivemind(cfg.log.log_level)
-    from photon_p2p.swarm.averager import PhotonAverager
+    from photon_p2p.swarm.averager import PhotonAverager, averager_settings
     from photon_p2p.swarm.dht import DHTCalls, start_dht, stop_dht, visible_maddrs
     from photon_p2p.swarm.heartbeat import HeartbeatPublisher
     from photon_p2p.swarm.identity import Identity
     from photon_p2p.swarm.manifest import adopt_manifest, agree_on_manifest, build_manifest
+    from photon_p2p.swarm.records import RejectCounter
     from photon_p2p.swarm.rounds import RoundEngine
     from photon_p2p.swarm.state import theta_from_model
+    from photon_p2p.swarm.view import SwarmView
 
     show = progress_enabled(cfg.log.progress)
     scratch = tempfile.TemporaryDirectory(prefix="photon-peer-")
-    dht = averager = heartbeat = None
+    dht = averager = heartbeat = view = None
     metrics = MetricsWriter(cfg.log.metrics_file)
     try:
         # everything that can fail on bad local input fails here, before any process is started
@@ -106,36 +106,38 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
                                      momentum=cfg.round.outer_momentum)
         start_round = _restore_global(resume, run, theta, outer) if resume else 0
         delta = [torch.zeros_like(t) for t in theta]
-        holder: dict[str, RoundEngine] = {}
+        holder: dict[str, Any] = {}  # the engine exists only after the fork; donors ask it for the state's metadata
         rc = cfg.round
-        chunk_timeout = max(2.0, min(30.0, rc.allreduce_timeout / 4))
         averager = PhotonAverager(
             delta, theta + outer.state_tensors(), dht, prefix=f"photon_{sw.run_id}_{run.hash[:12]}",
             compression=make_compression(rc.compression), get_state_meta=lambda: holder["engine"].state_meta(),
-            start=True, min_matchmaking_time=rc.matchmaking_time, request_timeout=min(3.0, rc.matchmaking_time / 3),
-            target_group_size=rc.target_group_size, min_group_size=max(2, rc.min_group_size),
-            allreduce_timeout=rc.allreduce_timeout,
-            next_chunk_timeout=chunk_timeout, sender_timeout=chunk_timeout, reducer_timeout=2 * chunk_timeout,
-            client_mode=sw.client_mode, allow_state_sharing=False, declare_state_period=10.0)
+            start=True, allow_state_sharing=False, declare_state_period=10.0,
+            **averager_settings(matchmaking_time=rc.matchmaking_time, allreduce_timeout=rc.allreduce_timeout,
+                                target_group_size=rc.target_group_size, min_group_size=rc.min_group_size,
+                                client_mode=sw.client_mode))
 
         # announce ourselves now (after the forks, before the slow part): peers starting at the same time then
         # wait for us in matchmaking instead of racing ahead alone
         heartbeat = HeartbeatPublisher(calls, identity, run, device=str(resolve_device(cfg.train.device)),
                                        client_mode=sw.client_mode, maddrs=maddrs).start()
         heartbeat.update(round=start_round, stage="starting", publish_now=True)
+        rejects = RejectCounter()
+        view = SwarmView(calls, sw.run_id, run.hash, identity.peer_id.to_base58(), rejects).start()
         session = LocalSession(cfg, tokenizer=tokenizer, model_args=model_args, progress=show)
         if resume is not None:
             session.restore(resume)
         engine = RoundEngine(cfg=cfg, run=run, session=session, theta=theta, outer=outer, delta=delta,
-                             averager=averager, calls=calls, heartbeat=heartbeat, metrics=metrics,
-                             peer_id=identity.peer_id.to_base58(), show_progress=show)
+                             averager=averager, view=view, heartbeat=heartbeat, rejects=rejects, show_progress=show,
+                             round_=start_round)
         holder["engine"] = engine
-        engine.round = start_round
+        engine.set_global(round_=start_round, step=session.progress.step)
         if not sw.client_mode:
             averager.allow_state_sharing = True
-        engine.initial_sync()
-        return _round_loop(cfg, engine, session, metrics, theta, outer, run)
+        view.refresh()
+        return engine.loop(metrics)
     finally:
+        if view is not None:
+            view.stop()
         if heartbeat is not None:
             heartbeat.stop()
         if averager is not None and averager.is_alive():
@@ -166,75 +168,3 @@ def _restore_global(ckpt: Checkpoint, run, theta: list[torch.Tensor], outer) -> 
         for name, t in outer.state.items():
             t.copy_(saved_outer[name])
     return int(ckpt.state["round"])
-
-
-def _round_loop(cfg: RunConfig, engine, session: LocalSession, metrics: MetricsWriter, theta, outer,
-                run) -> dict[str, Any]:
-    from photon_p2p.swarm.manifest import manifest_settings
-
-    train, ck = cfg.train, cfg.checkpoint
-    last: dict[str, Any] = {}
-    settings = manifest_settings(run.manifest)  # so a mismatched --resume can say which setting differs
-
-    def save() -> None:
-        session.save(extra_tensors={"theta": {f"{i:05d}": t for i, t in enumerate(theta)}, "outer": outer.state},
-                     extra_state={"round": engine.round, "manifest_hash": run.hash, "manifest_settings": settings})
-
-    stop = DeferredStop()
-    engine.stop = stop
-    try:
-        with stop:
-            engine.wait_for_peers()
-            while session.progress.step < train.max_steps:
-                before = session.progress.step
-                result = engine.run_round()
-                step = session.progress.step
-                final = step >= train.max_steps
-                if (train.eval_every and step // train.eval_every > before // train.eval_every) or final:
-                    from photon_p2p.swarm.state import load_theta
-
-                    load_theta(session.model, theta)  # evaluate the global model, not this peer's local copy
-                    result.val_loss, result.val_ppl = session.evaluate()
-                    logger.info(format_eval_line(step, train.max_steps, result.loss, result.val_loss,
-                                                 result.val_ppl, engine.tokens_per_s))
-                    engine.heartbeat.update(val_ppl=result.val_ppl)
-                logger.info(format_round_line(result, engine.tokens_per_s))
-                record = result.record()
-                record["tokens_per_s"] = round(engine.tokens_per_s, 1)
-                metrics.write(record)
-                last = record
-                if ck.dir and (step // ck.every > before // ck.every or final):
-                    save()
-                if stop.requested:  # between rounds: the state is consistent
-                    engine.left_cleanly = True
-                    stop.raise_()
-    except KeyboardInterrupt:
-        if not engine.left_cleanly:
-            logger.warning("interrupted twice inside round %d: not saved (--resume continues from the last "
-                           "checkpoint)", engine.round)
-        elif ck.dir and engine.round > 0:
-            save()
-            logger.warning("%s at round %d: checkpoint saved (continue with --resume)", stop.name, engine.round)
-        else:
-            logger.warning("%s at round %d: stopping", stop.name, engine.round)
-        raise
-    return last
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def format_round_line(r, tokens_per_s: float) -> str:
-    parts = [f"round {r.round}", f"step {r.step}", f"{r.outcome}", f"group {r.group_size}",
-             f"{r.tokens:,} tok", f"loss {r.loss:.4f}" if r.loss is not None else "loss -"]
-    if r.val_ppl is not None:
-        parts.append(f"val ppl {r.val_ppl:.2f}")
-    parts += [f"all-reduce {r.allreduce_s:.2f}s", f"sent {_fmt_bytes(r.bytes_sent)}",
-              f"received {_fmt_bytes(r.bytes_received)}", f"outer step {r.outer_norm:.3g}",
-              f"{tokens_per_s:,.0f} tok/s"]
-    return " | ".join(parts)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from photon_p2p.peer import make_compression
-from photon_p2p.swarm.averager import PhotonAverager
+from photon_p2p.swarm.averager import PHASE_STATE, PhotonAllReduceRunner, PhotonAverager
 from photon_p2p.swarm.records import RoundGather
 
 N_VALUES = 200_000  # several parts per peer at the default 512 KiB part size
@@ -29,12 +29,13 @@ def _swarm(n: int):
     return dhts
 
 
-def _run(deltas, thetas, weights, compression="none", hashes=None, timeout=40.0):
+def _run(deltas, thetas, weights, compression="none", hashes=None, timeout=40.0, classes=None):
     """One all-reduce among len(deltas) averagers; returns (step results, tensors after) per member."""
     n = len(deltas)
     dhts = _swarm(n)
     comp = make_compression(compression)
-    avgs = [PhotonAverager([d.clone() for d in deltas[i]], [t.clone() for t in thetas[i]], dhts[i], prefix="t",
+    classes = classes or [PhotonAverager] * n
+    avgs = [classes[i]([d.clone() for d in deltas[i]], [t.clone() for t in thetas[i]], dhts[i], prefix="t",
                            compression=comp, get_state_meta=dict, start=True, min_matchmaking_time=3.0,
                            request_timeout=1.0, target_group_size=n, next_chunk_timeout=4.0,
                            allreduce_timeout=timeout) for i in range(n)]
@@ -133,3 +134,39 @@ def test_members_with_different_theta_merge_it():
     for a in after:
         assert torch.equal(a[2], torch.full((N_VALUES,), 2.0))  # theta merged with equal weights
         assert torch.equal(a[3], torch.full((31, 7), 0.5))
+
+
+class _ReducerDiesInStatePhase(PhotonAllReduceRunner):
+    """A reducer that fails after its first part of the theta merge (the delta phase runs normally)."""
+
+    async def _accumulate_parts_streaming(self, stream, sender_index):
+        parts = 0
+        async for message in super()._accumulate_parts_streaming(stream, sender_index):
+            if self.group_id.endswith(PHASE_STATE) and parts >= 1:
+                raise ConnectionError("reducer died")
+            parts += 1
+            yield message
+
+
+# hivemind names RPC handlers after the class: the faulty averager must be called PhotonAverager to talk to the others
+_FaultyAverager = type("PhotonAverager", (PhotonAverager,), {"runner_class": _ReducerDiesInStatePhase})
+
+
+def test_theta_merge_is_all_or_nothing_when_a_reducer_fails():
+    """Before: the slice of a failed reducer came back as zeros and was copied into theta (a zeroed layer). Now a
+    member that lost any slice of the merge, or merged without someone's part, keeps its whole theta and outer
+    state, and says so (reconcile_failed); never zeros, never half a merge."""
+    deltas, _ = _data(2, seed=4)
+    thetas = [[torch.full((N_VALUES,), 1.0), torch.zeros(31, 7)], [torch.full((N_VALUES,), 3.0), torch.ones(31, 7)]]
+    results, after = _run(deltas, [[t.clone() for t in th] for th in thetas], [1.0, 1.0], hashes=["aaaa", "bbbb"],
+                          classes=[PhotonAverager, _FaultyAverager])
+    assert all(isinstance(r, dict) for r in results), results
+    assert any(r["reconcile_failed"] for r in results), "the fault did not hit the merge"
+    merged = [torch.full((N_VALUES,), 2.0), torch.full((31, 7), 0.5)]
+    for i, (r, a) in enumerate(zip(results, after, strict=True)):
+        state = a[2:]
+        kept = all(torch.equal(x, y) for x, y in zip(state, thetas[i], strict=True))
+        whole = all(torch.equal(x, y) for x, y in zip(state, merged, strict=True))
+        assert kept or whole, f"member {i} holds a partial merge"
+        assert kept == r["reconcile_failed"], (i, r["reconcile_failed"])
+        assert not r["reconciled"] or whole

@@ -13,7 +13,6 @@ another model shape or tokenizer is refused with the differences.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -28,6 +27,7 @@ import torch
 from photon_p2p.config import RunConfig
 from photon_p2p.data import ByteTokenizer, train_bpe
 from photon_p2p.errors import CheckpointError
+from photon_p2p.runtime import signal_group, stop_group
 from photon_p2p.train.checkpoint import (
     clear_checkpoints,
     latest_checkpoint,
@@ -64,13 +64,15 @@ def cache(tmp_path_factory) -> Path:
 
 
 def make_cfg(corpus: Path, cache: Path, ckdir: Path, **train) -> RunConfig:
-    return RunConfig.from_dict({
-        "model": {"preset": "micro"},
-        "data": {"paths": [str(corpus)], "cache_dir": str(cache)},
-        "train": {"max_steps": 50, "batch_size": 4, "device": "cpu", "eval_batches": 1, **train},
-        "checkpoint": {"dir": str(ckdir), "keep": 3},
-        "swarm": {"local_only": True},
-    })
+    return RunConfig.from_dict(
+        {
+            "model": {"preset": "micro"},
+            "data": {"paths": [str(corpus)], "cache_dir": str(cache)},
+            "train": {"max_steps": 50, "batch_size": 4, "device": "cpu", "eval_batches": 1, **train},
+            "checkpoint": {"dir": str(ckdir), "keep": 3},
+            "swarm": {"local_only": True},
+        }
+    )
 
 
 def step_dirs(root: Path) -> list[str]:
@@ -161,9 +163,14 @@ def test_model_and_tokenizer_come_back_from_a_checkpoint(corpus, cache, tmp_path
 
 def test_byte_tokenizer_of_a_checkpoint_without_tokenizer_json(tmp_path):
     # checkpoints written before tokenizer.json existed name the tokenizer in their config
-    path = save_checkpoint(tmp_path, 1, tensors={"model": {}}, state={},
-                           meta={"tokenizer": ByteTokenizer().fingerprint, "config": {"data": {"tokenizer": "byte"}}},
-                           keep=1)
+    path = save_checkpoint(
+        tmp_path,
+        1,
+        tensors={"model": {}},
+        state={},
+        meta={"tokenizer": ByteTokenizer().fingerprint, "config": {"data": {"tokenizer": "byte"}}},
+        keep=1,
+    )
     assert isinstance(tokenizer_from_checkpoint(load_checkpoint(path)), ByteTokenizer)
 
 
@@ -172,8 +179,14 @@ def test_byte_tokenizer_of_a_checkpoint_without_tokenizer_json(tmp_path):
 
 
 def small_save(root: Path, step: int, keep: int = 3, value: float = 0.0) -> Path:
-    return save_checkpoint(root, step, tensors={"model": {"w": torch.full((4,), value)}}, state={"step": step},
-                           meta={"note": "test"}, keep=keep)
+    return save_checkpoint(
+        root,
+        step,
+        tensors={"model": {"w": torch.full((4,), value)}},
+        state={"step": step},
+        meta={"note": "test"},
+        keep=keep,
+    )
 
 
 def test_keeps_the_last_k(tmp_path):
@@ -229,8 +242,7 @@ def test_writer_killed_mid_checkpoint_leaves_the_previous_ones_intact(tmp_path):
     for step in (1, 2):
         small_save(root, step, value=float(step))
     marker = tmp_path / "marker"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(marker)], cwd=REPO,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(marker)], cwd=REPO, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():
@@ -239,10 +251,9 @@ def test_writer_killed_mid_checkpoint_leaves_the_previous_ones_intact(tmp_path):
             time.sleep(0.05)
         (tmp_written,) = tmp_dirs(root)  # it did write part of step 3 ...
         assert (root / tmp_written / "model.safetensors").stat().st_size > 1_000_000
-        os.killpg(proc.pid, signal.SIGKILL)
+        signal_group(proc.pid, signal.SIGKILL)
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
+        stop_group(proc, grace=0.0, sig=signal.SIGKILL, reap=30.0)
 
     assert step_dirs(root) == ["step-00000001", "step-00000002"]  # ... but no step-00000003
     assert latest_checkpoint(root) == root / "step-00000002"
@@ -276,8 +287,13 @@ def test_failed_write_leaves_nothing_behind(tmp_path, where):
         small_save(root, step, value=float(step))
     # the weights (200 kB) exceed a 100 kB file size limit; or they fit under 300 kB and the state (800 kB) does not
     limit, state_numel = (100_000, 10) if where == "safetensors" else (300_000, 200_000)
-    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(root), str(limit), str(state_numel)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(root), str(limit), str(state_numel)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"error: cannot write checkpoint {root / 'step-00000003'}: ")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
@@ -316,12 +332,15 @@ def test_edited_weights_of_the_same_size_are_caught_by_the_hash(saved):
         load_checkpoint(saved)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ('{"format": 1, "files": {', "meta.json is corrupt"),
-    ("", "meta.json is corrupt"),
-    ('{"format": 99, "files": {}}', "unknown format 99"),
-    ("[1, 2]", "unknown format ?"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"format": 1, "files": {', "meta.json is corrupt"),
+        ("", "meta.json is corrupt"),
+        ('{"format": 99, "files": {}}', "unknown format 99"),
+        ("[1, 2]", "unknown format ?"),
+    ],
+)
 def test_corrupted_meta_names_the_file(saved, text, expected):
     (saved / "meta.json").write_text(text)
     with pytest.raises(CheckpointError) as e:
@@ -348,8 +367,11 @@ def test_a_checkpoint_of_another_model_shape_lists_the_differences(corpus, cache
     with pytest.raises(CheckpointError) as e:
         session.restore(load_checkpoint(saved))
     msg = str(e.value)
-    for diff in ("d_model 64 (checkpoint) != 128 (now)", "n_layers 2 (checkpoint) != 4 (now)",
-                 "max_seq_len 64 (checkpoint) != 128 (now)"):
+    for diff in (
+        "d_model 64 (checkpoint) != 128 (now)",
+        "n_layers 2 (checkpoint) != 4 (now)",
+        "max_seq_len 64 (checkpoint) != 128 (now)",
+    ):
         assert diff in msg
     assert "vocab_size" not in msg  # only what differs
     assert "\n" not in msg

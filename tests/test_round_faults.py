@@ -5,13 +5,16 @@ or re-syncs the round, the other peer's theta stays finite, and the two are back
 afterwards. Ctrl-C (SIGINT to the whole process group, as a terminal sends it) stops a swarm peer between rounds:
 exit 130, a checkpoint holding theta, the outer state and the round, no DHT, averager or p2pd left behind, and
 ``--resume`` continues from that round (SIGTERM stops it the same way, exit 0), while a --resume with other run
-settings is refused with a one-line error that names the setting.
+settings is refused with a one-line error that names the setting. A far-future round claim that no donor can
+serve is ignored after a bounded number of tries; --min-group-size gives up after --quorum-timeout with one line;
+a swarm of --client-mode peers says at start that no group can form.
 """
 
 from __future__ import annotations
 
 import math
 import signal
+import time
 
 import pytest
 
@@ -81,3 +84,77 @@ def test_ctrl_c_saves_between_rounds_and_resume_continues(procs, tmp_path):
     resumed.popen.send_signal(signal.SIGTERM)  # SIGTERM: the same clean stop between rounds, exit 0
     finish(resumed, 60)
     assert "checkpoint saved" in resumed.output()
+
+
+def test_a_far_future_round_claim_that_nobody_can_serve_is_ignored(procs, tmp_path):
+    """Before: one validly signed heartbeat claiming round 1000 made every peer re-sync, fail (no donor holds round
+    1000), and skip its round without advancing the step: the run never ended. Now a claim is believed only while
+    some donor can serve it; after a bounded number of failed downloads it is ignored (one log line) and the run
+    ends normally, on one theta."""
+    import threading
+
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from photon_p2p.swarm.heartbeat import heartbeat_key
+    from photon_p2p.swarm.identity import Identity
+    from photon_p2p.swarm.records import Heartbeat, sign_record
+    from tests.helpers.swarm import dht_client, wait_for_heartbeats
+
+    cache = tmp_path / "cache"
+    entry = start_bootstrap(procs)
+    common = dict(run_id="liar", cache=cache, initial_peers=[entry], max_steps=40,
+                  extra=["--min-group-size", "2", "--wait-for-peers", "2"])
+    liar = Identity.load_or_create(tmp_path / "liar.key")
+    with dht_client(entry) as calls:
+        a = start_peer(procs, "a", **common)
+        beats = wait_for_heartbeats(calls, "liar", 1, watch=[a])
+        manifest_hash = next(iter(beats.values())).manifest_hash
+        stop = threading.Event()
+
+        def lie() -> None:  # a live, validly signed peer that claims a round nobody holds, and serves nothing
+            while not stop.is_set():
+                hb = Heartbeat(peer_id=liar.peer_id.to_base58(), run_id="liar", manifest_hash=manifest_hash,
+                               round=1000, step=1000, tokens=0, tokens_per_s=0.0, stage="training", device="cpu",
+                               version="0", time=time.time())
+                calls.store(heartbeat_key("liar"), sign_record(hb, liar), get_dht_time() + 12, subkey=hb.peer_id)
+                stop.wait(2.0)
+
+        thread = threading.Thread(target=lie, daemon=True)
+        thread.start()
+        time.sleep(3)
+        b = start_peer(procs, "b", **common)
+        try:
+            for p in (a, b):
+                finish(p, 300)
+        finally:
+            stop.set()
+            thread.join(10)
+    for p in (a, b):
+        assert "claim to be at round 1000" in p.output(), p.output()[-3000:]
+        assert "Traceback" not in p.output()
+    ra, rb = rounds(a), rounds(b)
+    assert max(ra) == max(rb) and ra[max(ra)]["step"] == 40
+    assert ra[max(ra)]["theta_hash"] == rb[max(rb)]["theta_hash"]
+
+
+def test_min_group_size_gives_up_after_quorum_timeout_with_one_line(procs, tmp_path):
+    """Before: --min-group-size 2 with nobody else waited forever. Now: one error line naming both flags, exit 2."""
+    lonely = start_peer(procs, "lonely", run_id="quorum", cache=tmp_path / "cache", max_steps=40,
+                        extra=["--min-group-size", "2", "--quorum-timeout", "8"])
+    assert lonely.wait(120) == 2, lonely.output()[-3000:]
+    errors = [line for line in lonely.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no group of at least 2 peers formed in 8s" in errors[0], lonely.stderr[-2000:]
+    assert "--quorum-timeout" in errors[0] and "Traceback" not in lonely.output()
+
+
+def test_an_all_client_mode_swarm_says_so_and_trains_on(procs, tmp_path):
+    """Before: peers that all run --client-mode (nobody accepts connections) never averaged and never said why."""
+    entry = start_bootstrap(procs)
+    # long enough that each sees the other at work (a run that ends first leaves without being seen)
+    common = dict(run_id="hidden", cache=tmp_path / "cache", initial_peers=[entry], max_steps=400, local_steps=10,
+                  extra=["--client-mode", "--wait-for-peers", "2"])
+    peers = [start_peer(procs, name, **common) for name in ("x", "y")]
+    for p in peers:
+        finish(p, 240)
+        assert "every live peer of run 'hidden' is in --client-mode" in p.output(), p.output()[-3000:]
+        assert all(rec["outcome"] == "alone" for rec in rounds(p).values())

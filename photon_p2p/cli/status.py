@@ -10,6 +10,7 @@ from photon_p2p import __version__
 from photon_p2p.cli.common import ArgumentParser, run_main, setup_logging
 from photon_p2p.config import RUN_ID_PATTERN
 from photon_p2p.errors import ConfigError
+from photon_p2p.runtime import quiet_hivemind
 from photon_p2p.status import StatusOptions, run_status
 
 DESCRIPTION = """\
@@ -28,24 +29,58 @@ run id: the error lists the run ids seen)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="photon-status", description=DESCRIPTION, epilog=EPILOG,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
-                        help="multiaddrs of any live peer or bootstrap node, e.g. "
-                             "/ip4/203.0.113.5/tcp/31337/p2p/QmXYZ... (printed by photon-bootstrap and every peer)")
+    parser = ArgumentParser(
+        prog="photon-status",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--initial-peers",
+        nargs="+",
+        required=True,
+        metavar="MULTIADDR",
+        help="multiaddrs of any live peer or bootstrap node, e.g. "
+        "/ip4/203.0.113.5/tcp/31337/p2p/QmXYZ... (printed by photon-bootstrap and every peer)",
+    )
     parser.add_argument("--run-id", required=True, metavar="NAME", help="which run to show")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object (keys: run_id, manifest, peers, total_tokens_per_s, "
-                             "rejected_records, rejected_reasons) instead of the table; with --watch, one per line")
-    parser.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
-                        help="refresh in place every SECONDS (default 5) until Ctrl-C")
-    parser.add_argument("--join-timeout", type=float, default=15.0, metavar="SEC",
-                        help="give up if no initial peer answers within this time (default: 15)")
-    parser.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MULTIADDR",
-                        help="where this client's node listens (default: /ip4/127.0.0.1/tcp/0; it only makes "
-                             "outgoing connections, so loopback is enough)")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning",
-                        metavar="LEVEL", help="debug, info, warning or error (default: warning)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (keys: run_id, manifest, peers, total_tokens_per_s, "
+        "rejected_records, rejected_reasons) instead of the table; with --watch, one per line",
+    )
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=5.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh in place every SECONDS (default 5) until Ctrl-C",
+    )
+    parser.add_argument(
+        "--join-timeout",
+        type=float,
+        default=15.0,
+        metavar="SEC",
+        help="give up if no initial peer answers within this time (default: 15)",
+    )
+    parser.add_argument(
+        "--host-maddrs",
+        nargs="+",
+        default=["/ip4/127.0.0.1/tcp/0"],
+        metavar="MULTIADDR",
+        help="where this client's node listens (default: /ip4/127.0.0.1/tcp/0; it only makes "
+        "outgoing connections, so loopback is enough)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="warning",
+        metavar="LEVEL",
+        help="debug, info, warning or error (default: warning)",
+    )
     parser.add_argument("--version", action="version", version=f"photon-p2p {__version__}")
     return parser
 
@@ -58,8 +93,14 @@ def parse_options(argv: list[str] | None = None) -> tuple[StatusOptions, str]:
         raise ConfigError(f"--watch {args.watch:g}: must be > 0 seconds")
     if not args.join_timeout > 0:
         raise ConfigError(f"--join-timeout {args.join_timeout:g}: must be > 0")
-    opts = StatusOptions(initial_peers=args.initial_peers, run_id=args.run_id, as_json=args.json, watch=args.watch,
-                         join_timeout=args.join_timeout, host_maddrs=args.host_maddrs)
+    opts = StatusOptions(
+        initial_peers=args.initial_peers,
+        run_id=args.run_id,
+        as_json=args.json,
+        watch=args.watch,
+        join_timeout=args.join_timeout,
+        host_maddrs=args.host_maddrs,
+    )
     return opts, args.log_level
 
 
@@ -67,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         opts, log_level = parse_options(argv)
         setup_logging(log_level)
-        from photon_p2p.cli.common import quiet_hivemind
-
         quiet_hivemind(log_level)
         if log_level != "debug":
             # invalid records are counted in the output itself; a log line for each kind would only repeat it

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from photon_p2p.cli.common import ArgumentParser, run_main, setup_logging
+from photon_p2p.runtime import progress_enabled
 
 DESCRIPTION = """\
 Start a whole swarm on this machine: a photon-bootstrap node and --peers photon-peer processes on 127.0.0.1,
@@ -22,27 +23,61 @@ examples:
   photon-swarm --peers 4 --data corpus/ --split by-file --outer-optimizer nesterov --workdir runs/nesterov"""
 
 # the launcher sets these per peer; accepting them from the user would silently break the swarm
-RESERVED = ("--initial-peers", "--host-maddrs", "--checkpoint-dir", "--metrics-file", "--data-partition",
-            "--local-only", "--resume", "--fresh", "--data")
+RESERVED = (
+    "--initial-peers",
+    "--host-maddrs",
+    "--checkpoint-dir",
+    "--metrics-file",
+    "--data-partition",
+    "--local-only",
+    "--resume",
+    "--fresh",
+    "--data",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="photon-swarm", description=DESCRIPTION, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="photon-swarm",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--peers", type=int, default=3, metavar="N", help="number of peers (default: 3)")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="the corpus to share out: files, directories, globs, or 'default' (the Python standard "
-                        "library's sources)")
-    p.add_argument("--split", choices=("iid", "by-file"), default="iid",
-                   help="iid: every peer gets a disjoint 1/N of the sequences of the whole corpus; by-file: the files "
-                        "are dealt out, so peers see different documents (default: iid)")
-    p.add_argument("--workdir", default="runs/swarm", metavar="DIR",
-                   help="per-peer checkpoints, metrics and logs go here (default: runs/swarm)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="the corpus to share out: files, directories, globs, or 'default' (the Python standard library's sources)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("iid", "by-file"),
+        default="iid",
+        help="iid: every peer gets a disjoint 1/N of the sequences of the whole corpus; by-file: the files "
+        "are dealt out, so peers see different documents (default: iid)",
+    )
+    p.add_argument(
+        "--workdir",
+        default="runs/swarm",
+        metavar="DIR",
+        help="per-peer checkpoints, metrics and logs go here (default: runs/swarm)",
+    )
     p.add_argument("--fresh", action="store_true", help="delete --workdir first instead of resuming from it")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch threads per peer (default: the CPU cores divided among the peers)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                   help="log level of this launcher (default: info)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads per peer (default: the CPU cores divided among the peers)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="log level of this launcher (default: info)",
+    )
     return p
 
 
@@ -70,8 +105,12 @@ class Display:
         self.last: dict[str, dict[str, Any]] = {}
 
     def started(self, entry: str, peers: list, plan: Any) -> None:
-        print(f"photon-swarm: bootstrap {entry}\n{len(peers)} peers, data split {plan.split}, logs and checkpoints "
-              f"in {plan.workdir}/", file=sys.stderr, flush=True)
+        print(
+            f"photon-swarm: bootstrap {entry}\n{len(peers)} peers, data split {plan.split}, logs and checkpoints "
+            f"in {plan.workdir}/",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def record(self, peer: Any, rec: dict[str, Any]) -> None:
         if "round" not in rec:
@@ -85,14 +124,18 @@ class Display:
         if not self.live:
             return
         width = shutil.get_terminal_size((120, 20)).columns
-        rows = [f"{'peer':8} {'state':8} {'round':>5} {'step':>7} {'outcome':9} {'group':>5} {'loss':>8} "
-                f"{'val ppl':>8} {'tok/s':>8}"]
+        rows = [
+            f"{'peer':8} {'state':8} {'round':>5} {'step':>7} {'outcome':9} {'group':>5} {'loss':>8} "
+            f"{'val ppl':>8} {'tok/s':>8}"
+        ]
         for p in peers:
             r = self.last.get(p.name, {})
             state = "running" if p.alive() else f"exit {p.popen.returncode}"
-            rows.append(f"{p.name:8} {state:8} {r.get('round', '-'):>5} {r.get('step', '-'):>7} "
-                        f"{r.get('outcome', '-'):9} {r.get('group_size', '-'):>5} {_num(r.get('loss')):>8} "
-                        f"{_num(r.get('val_ppl'), 2):>8} {_num(r.get('tokens_per_s'), 0):>8}")
+            rows.append(
+                f"{p.name:8} {state:8} {r.get('round', '-'):>5} {r.get('step', '-'):>7} "
+                f"{r.get('outcome', '-'):9} {r.get('group_size', '-'):>5} {_num(r.get('loss')):>8} "
+                f"{_num(r.get('val_ppl'), 2):>8} {_num(r.get('tokens_per_s'), 0):>8}"
+            )
         out = ("\x1b[F" * self.lines_drawn) + "\n".join("\x1b[2K" + row[:width] for row in rows) + "\n"
         sys.stderr.write(out)
         sys.stderr.flush()
@@ -105,36 +148,49 @@ def _num(x: Any, digits: int = 3) -> str:
 
 def _row(r: dict[str, Any]) -> str:
     ppl = f" | val ppl {_num(r['val_ppl'], 2)}" if r.get("val_ppl") is not None else ""
-    return (f"round {r['round']} | step {r['step']} | {r['outcome']} | group {r['group_size']} | "
-            f"{r.get('tokens', 0):,} tok | loss {_num(r.get('loss'))}{ppl} | "
-            f"all-reduce {r.get('allreduce_s', 0):.2f}s | sent {r.get('bytes_sent', 0):,} B")
+    return (
+        f"round {r['round']} | step {r['step']} | {r['outcome']} | group {r['group_size']} | "
+        f"{r.get('tokens', 0):,} tok | loss {_num(r.get('loss'))}{ppl} | "
+        f"all-reduce {r.get('allreduce_s', 0):.2f}s | sent {r.get('bytes_sent', 0):,} B"
+    )
 
 
 def print_summary(summary: dict[str, Any]) -> None:
     print("\nsummary:", file=sys.stderr)
     for name, p in summary["peers"].items():
         ppl = f", val ppl {p['val_ppl']:.2f}" if p.get("val_ppl") else ""
-        loss = (f", loss {p['first_loss']:.3f} -> {p['last_loss']:.3f}" if p.get("first_loss") is not None
-                and p.get("last_loss") is not None else "")
+        loss = (
+            f", loss {p['first_loss']:.3f} -> {p['last_loss']:.3f}"
+            if p.get("first_loss") is not None and p.get("last_loss") is not None
+            else ""
+        )
         print(f"  {name}: {p['rounds']} rounds, {p['steps']} steps{loss}{ppl}", file=sys.stderr)
     sent = summary["bytes_sent_total"]
     if summary.get("communication_saved"):
-        print(f"  communication: {sent / 1e6:.1f} MB sent by all peers; per-step data parallelism would have sent "
-              f"{summary['bytes_sent_data_parallel'] / 1e6:,.0f} MB: {summary['communication_saved']:.0f}x less",
-              file=sys.stderr)
+        print(
+            f"  communication: {sent / 1e6:.1f} MB sent by all peers; per-step data parallelism would have sent "
+            f"{summary['bytes_sent_data_parallel'] / 1e6:,.0f} MB: {summary['communication_saved']:.0f}x less",
+            file=sys.stderr,
+        )
     for name, code in summary.get("failed", {}).items():
         print(f"  {name} exited with code {code}: see its log", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        from photon_p2p.cli.common import progress_enabled
         from photon_p2p.launch import SwarmPlan, run_swarm
 
         args, rest = parse(argv)
         setup_logging(args.log_level)
-        plan = SwarmPlan(peers=args.peers, data=args.data, split=args.split, workdir=Path(args.workdir),
-                         peer_args=rest, fresh=args.fresh, threads=args.threads)
+        plan = SwarmPlan(
+            peers=args.peers,
+            data=args.data,
+            split=args.split,
+            workdir=Path(args.workdir),
+            peer_args=rest,
+            fresh=args.fresh,
+            threads=args.threads,
+        )
         summary = run_swarm(plan, Display(live=progress_enabled(True)))
         print_summary(summary)
         return 1 if summary.get("failed") else 0

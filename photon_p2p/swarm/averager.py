@@ -5,8 +5,10 @@
    the average. Here each reducer encodes its averaged part **once** and sends the same bytes to every member
    (and applies the decoded bytes to its own copy), so the whole group applies bit-identical values.
 2. **Failures are the same for everybody.** Output tensors hold the average itself (not a delta added to local
-   values), and a slice whose reducer failed becomes zeros, i.e. "no update there" for everyone who saw the
-   failure, instead of each member silently keeping its own values.
+   values), and a slice of the *delta* whose reducer failed becomes zeros, i.e. "no update there" for everyone who
+   saw the failure, instead of each member silently keeping its own values. Merging *theta* (below) is all or
+   nothing: a member that lost any slice of it keeps its own theta and outer state whole (a zero slice would be a
+   zeroed layer, not a missing update).
 3. **Untrusted inputs.** A reducer refuses parts that are non-finite, have the wrong shape, or come with a weight
    that is not a positive finite number: the sender is banned from this all-reduce, the rest finish without it.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -177,6 +180,19 @@ class PhotonAllReduceRunner(AllReduceRunner):
             raise
 
 
+def averager_settings(*, matchmaking_time: float, allreduce_timeout: float, target_group_size: int | None = None,
+                      min_group_size: int = 2, client_mode: bool = False) -> dict[str, Any]:
+    """The one place where our round settings become hivemind averager arguments (peer, benchmarks, tests).
+
+    Chunk timeouts follow the all-reduce timeout: a part of 512 KiB that takes longer than a quarter of it (at
+    least 2 s, at most 30 s) comes from a peer that has stalled, and the others ban it and finish without it."""
+    chunk_timeout = max(2.0, min(30.0, allreduce_timeout / 4))
+    return dict(min_matchmaking_time=matchmaking_time, request_timeout=min(3.0, matchmaking_time / 3),
+                target_group_size=target_group_size, min_group_size=max(2, min_group_size),
+                allreduce_timeout=allreduce_timeout, next_chunk_timeout=chunk_timeout, sender_timeout=chunk_timeout,
+                reducer_timeout=2 * chunk_timeout, client_mode=client_mode)
+
+
 class PhotonAverager(DecentralizedAverager):
     """Averages ``delta`` tensors each round; holds ``state`` tensors (theta + outer state) for reconciliation and
     for joining peers to download.
@@ -252,6 +268,7 @@ class PhotonAverager(DecentralizedAverager):
         return registered()
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
+        started = time.perf_counter()
         try:
             bandwidths, mode_ids, user_bytes = zip(*map(self.serializer.loads, group_info.gathered), strict=True)
             gathered = {}
@@ -268,15 +285,19 @@ class PhotonAverager(DecentralizedAverager):
                 None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size)
             reconcile = len({g["theta_hash"] for g in gathered.values()}) > 1
             traffic = TrafficCounter()
+            reconcile_failed = False
             async with enter_asynchronously(self.get_tensors()) as tensors:
                 await self._run_photon_allreduce(tensors[: self.num_delta], group_info, PHASE_DELTA, fractions,
                                                  traffic, kwargs)
                 if reconcile:
                     # exact (uncompressed) and unweighted: every member's theta is an equally valid candidate
                     state_kwargs = dict(kwargs, compression=NoCompression(), weight=1.0)
-                    await self._run_photon_allreduce(tensors[self.num_delta:], group_info, PHASE_STATE, fractions,
-                                                     traffic, state_kwargs)
-            return dict(gathered=gathered, reconciled=reconcile, bytes_sent=traffic.sent,
+                    reconcile_failed = not await self._run_photon_allreduce(
+                        tensors[self.num_delta:], group_info, PHASE_STATE, fractions, traffic, state_kwargs,
+                        all_or_nothing=True)
+            return dict(gathered=gathered, reconciled=reconcile and not reconcile_failed,
+                        reconcile_failed=reconcile_failed, allreduce_s=time.perf_counter() - started,
+                        bytes_sent=traffic.sent,
                         bytes_received=traffic.received, group=[p.to_base58() for p in group_info.peer_ids],
                         lost_fraction=traffic.lost_values / max(1, traffic.total_values))
         except BaseException as e:
@@ -284,10 +305,15 @@ class PhotonAverager(DecentralizedAverager):
                 logger.debug("all-reduce failed: %r", e, exc_info=True)
             raise MatchmakingException(f"Unable to run All-Reduce: {e!r}") from None
 
+    runner_class = PhotonAllReduceRunner  # tests substitute a faulty runner here
+
     async def _run_photon_allreduce(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, phase: bytes,
-                                    fractions: Any, traffic: TrafficCounter, kwargs: dict[str, Any]) -> None:
+                                    fractions: Any, traffic: TrafficCounter, kwargs: dict[str, Any], *,
+                                    all_or_nothing: bool = False) -> bool:
+        """Run one phase; write the averages into ``tensors``. With ``all_or_nothing`` the results are written only
+        if every slice arrived (returns False and leaves ``tensors`` untouched otherwise)."""
         group_id = group_info.group_id + phase
-        runner = PhotonAllReduceRunner(
+        runner = self.runner_class(
             traffic=traffic, fault_round=getattr(self, "_round", None) if phase == PHASE_DELTA else None, p2p=self._p2p,
             servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
             ordered_peer_ids=group_info.peer_ids, peer_fractions=fractions, **kwargs)
@@ -295,13 +321,32 @@ class PhotonAverager(DecentralizedAverager):
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             async for _ in runner:
                 raise ValueError("auxiliary peers should not receive averaged tensors")
-            return
+            return True
+        results: list[torch.Tensor] = []
         index = 0
-        async for averaged in runner:
-            tensors[index].copy_(averaged)  # the average itself (zeros where a reducer failed)
-            index += 1
-        traffic.lost_values += runner.tensor_part_container.failed_size
+        try:
+            async for averaged in runner:
+                if all_or_nothing:
+                    results.append(averaged.clone())
+                else:
+                    tensors[index].copy_(averaged)  # the average itself (zeros where a reducer failed)
+                index += 1
+        except Exception as e:
+            if not all_or_nothing:
+                raise
+            logger.debug("all-or-nothing phase failed: %r", e)
+            return False
+        failed = runner.tensor_part_container.failed_size
+        traffic.lost_values += failed
         traffic.total_values += runner.tensor_part_container.total_size
+        if all_or_nothing:
+            # a banned sender means some slices averaged without its part: a merge of fewer members than the
+            # others may have used, so not the same theta as theirs
+            if failed or runner.banned_senders or len(results) != len(tensors):
+                return False
+            for dst, src in zip(tensors, results, strict=True):
+                dst.copy_(src)
+        return True
 
     # ---- state sharing for joining peers
     def get_current_state(self):
@@ -309,6 +354,14 @@ class PhotonAverager(DecentralizedAverager):
         with self.get_tensors() as tensors:
             meta = self._get_state_meta()
             return meta, [t.detach().clone() for t in tensors[self.num_delta:]], None
+
+    last_download_error: str | None = None
+
+    def download_state(self, *, expected_bytes: int, min_priority: float | None, stall_timeout: float,
+                       show_progress: bool):
+        """TEMPORARY: hivemind's whole-download path, with a limit sized to the state at 10 Mbit/s."""
+        timeout = max(stall_timeout, expected_bytes / 1.25e6)
+        return self.load_state_from_peers(timeout=timeout)
 
     # ---- per-round matchmaking settings, applied inside the averager process
     def set_round(self, round_: int, target_group_size: int | None) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from photon_p2p import __version__
-from photon_p2p.config import RunConfig
+from photon_p2p.config import RoundConfig, RunConfig, Section, TrainConfig
 from photon_p2p.data import Tokenizer, tokenizer_from_json
 from photon_p2p.errors import SwarmError
 from photon_p2p.model import ModelArgs
@@ -67,17 +67,16 @@ class RunManifest:
 
 def build_manifest(cfg: RunConfig, tokenizer: Tokenizer, model_args: ModelArgs) -> Manifest:
     """This peer's proposal for the run, from its own configuration."""
-    t, r = cfg.train, cfg.round
     return Manifest(
-        protocol=PROTOCOL_VERSION, run_id=cfg.swarm.run_id, software=__version__, preset=cfg.model.preset,
+        protocol=PROTOCOL_VERSION,
+        run_id=cfg.swarm.run_id,
+        software=__version__,
+        preset=cfg.model.preset,
         model=ModelShape(**model_args.to_dict()),
         tokenizer_fingerprint=tokenizer.fingerprint,
         tokenizer_json=zlib.compress(tokenizer.to_json().encode("utf-8"), 9),
-        train=TrainSettings(max_steps=t.max_steps, batch_size=t.batch_size, lr=t.lr, warmup_steps=t.warmup,
-                            alpha_f=t.alpha_f, weight_decay=t.weight_decay, grad_clip=t.grad_clip),
-        round=RoundSettings(local_steps=r.local_steps, round_seconds=r.round_seconds,
-                            reset_inner_optimizer=r.reset_inner_optimizer, outer_optimizer=r.outer_optimizer,
-                            outer_lr=r.effective_outer_lr, outer_momentum=r.outer_momentum, compression=r.compression),
+        train=TrainSettings(**cfg.train.shared_values()),
+        round=RoundSettings(**cfg.round.shared_values()),
     )
 
 
@@ -88,8 +87,9 @@ def fetch_manifests(calls: DHTCalls, run_id: str, rejects: RejectCounter) -> lis
     entries = found.value if found is not None and isinstance(found.value, dict) else {}
     for subkey, item in entries.items():
         try:
-            record, signer = open_record(getattr(item, "value", None), ManifestRecord,
-                                         signer=subkey if isinstance(subkey, str) else "?")
+            record, signer = open_record(
+                getattr(item, "value", None), ManifestRecord, signer=subkey if isinstance(subkey, str) else "?"
+            )
             if record.creator != signer or record.manifest.run_id != run_id:
                 raise RecordRejected("creator or run id does not match")
         except RecordRejected as e:
@@ -106,8 +106,9 @@ def pick_canonical(candidates: list[RunManifest]) -> RunManifest:
 def publish(calls: DHTCalls, run: RunManifest) -> bool:
     from hivemind.utils.timed_storage import get_dht_time
 
-    return calls.store(manifest_key(run.manifest.run_id), run.raw, get_dht_time() + MANIFEST_TTL,
-                       subkey=run.record.creator)
+    return calls.store(
+        manifest_key(run.manifest.run_id), run.raw, get_dht_time() + MANIFEST_TTL, subkey=run.record.creator
+    )
 
 
 def list_runs(calls: DHTCalls, rejects: RejectCounter) -> list[RunAnnouncement]:
@@ -141,9 +142,8 @@ def unknown_run_message(run_id: str, runs: list[RunAnnouncement]) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # agreeing on a manifest
 
-_TRAIN_KEYS = ("max_steps", "batch_size", "lr", "warmup_steps", "alpha_f", "weight_decay", "grad_clip")
-_ROUND_KEYS = ("local_steps", "round_seconds", "reset_inner_optimizer", "outer_optimizer", "outer_lr",
-               "outer_momentum", "compression")
+# the config sections whose ``shared`` fields are the manifest's tables of the same name (config.py declares them)
+_SETTINGS_SECTIONS: tuple[type[Section], ...] = (TrainConfig, RoundConfig)
 _MODEL_FLAGS = ("model.preset", "model.seq_len", "model.vocab_size", "model.tie_embeddings", "data.tokenizer")
 
 
@@ -159,21 +159,26 @@ def settings_conflicts(run: Manifest, mine: Manifest, explicit: set[str]) -> lis
                 diffs.append(f"model.{key}: run {value!r}, yours {getattr(mine.model, key)!r}")
     if "data.tokenizer" in explicit and run.tokenizer_fingerprint != mine.tokenizer_fingerprint:
         diffs.append(f"tokenizer: run {run.tokenizer_fingerprint[:12]}, yours {mine.tokenizer_fingerprint[:12]}")
-    for key in _TRAIN_KEYS:
-        flag = "train.warmup_steps" if key == "warmup_steps" else f"train.{key}"
-        if flag in explicit and getattr(run.train, key) != getattr(mine.train, key):
-            diffs.append(f"train.{key}: run {getattr(run.train, key)!r}, yours {getattr(mine.train, key)!r}")
-    for key in _ROUND_KEYS:
-        explicit_key = f"round.{key}" in explicit or (key == "outer_lr" and "round.outer_optimizer" in explicit)
-        if explicit_key and getattr(run.round, key) != getattr(mine.round, key):
-            diffs.append(f"round.{key}: run {getattr(run.round, key)!r}, yours {getattr(mine.round, key)!r}")
+    for section in _SETTINGS_SECTIONS:
+        name = section.SECTION
+        theirs, ours = getattr(run, name), getattr(mine, name)
+        for key, spec in section.shared_fields().items():
+            pinned = {f"{name}.{k}" for k in (key, *spec.implied_by)}
+            if explicit & pinned and getattr(theirs, key) != getattr(ours, key):
+                diffs.append(f"{name}.{key}: run {getattr(theirs, key)!r}, yours {getattr(ours, key)!r}")
     return diffs
 
 
 def manifest_settings(m: Manifest) -> dict[str, Any]:
     """The manifest without the tokenizer's bytes, as plain data: what a swarm checkpoint records about its run."""
-    return {"protocol": m.protocol, "preset": m.preset, "tokenizer": m.tokenizer_fingerprint,
-            "model": m.model.model_dump(), "train": m.train.model_dump(), "round": m.round.model_dump()}
+    return {
+        "protocol": m.protocol,
+        "preset": m.preset,
+        "tokenizer": m.tokenizer_fingerprint,
+        "model": m.model.model_dump(),
+        "train": m.train.model_dump(),
+        "round": m.round.model_dump(),
+    }
 
 
 def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -182,40 +187,58 @@ def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{key}.{sub}: checkpoint {a.get(sub)!r}, this run {b.get(sub)!r}"
-                      for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+            diffs += [
+                f"{key}.{sub}: checkpoint {a.get(sub)!r}, this run {b.get(sub)!r}"
+                for sub in sorted(set(a) | set(b))
+                if a.get(sub) != b.get(sub)
+            ]
         elif a != b:
             diffs.append(f"{key}: checkpoint {a!r}, this run {b!r}")
     return diffs
 
 
-def agree_on_manifest(calls: DHTCalls, identity: Identity, proposal: Manifest, explicit: set[str], *,
-                      join_existing: bool = False, settle_s: float = 3.0) -> RunManifest:
+def agree_on_manifest(
+    calls: DHTCalls,
+    identity: Identity,
+    proposal: Manifest,
+    explicit: set[str],
+    *,
+    join_existing: bool = False,
+    settle_s: float = 3.0,
+) -> RunManifest:
     """Find the run's manifest or create it; refuse if the user's explicit settings conflict with it."""
     rejects = RejectCounter()
     run_id = proposal.run_id
     candidates = fetch_manifests(calls, run_id, rejects)
     if not candidates:
         if join_existing:
-            raise SwarmError(unknown_run_message(run_id, list_runs(calls, rejects)) +
-                             " (--join-existing refuses to start a new run)")
+            raise SwarmError(
+                unknown_run_message(run_id, list_runs(calls, rejects)) + " (--join-existing refuses to start a new run)"
+            )
         record = ManifestRecord(manifest=proposal, creator=identity.peer_id.to_base58(), created_at=time.time())
         mine = RunManifest(record=record, raw=sign_record(record, identity))
         publish(calls, mine)
-        logger.info("no manifest for run '%s' yet: proposed one (hash %s); waiting %.0fs for simultaneous creators",
-                    run_id, mine.hash[:12], settle_s)
+        logger.info(
+            "no manifest for run '%s' yet: proposed one (hash %s); waiting %.0fs for simultaneous creators",
+            run_id,
+            mine.hash[:12],
+            settle_s,
+        )
         time.sleep(settle_s)
         candidates = fetch_manifests(calls, run_id, rejects) or [mine]
     chosen = pick_canonical(candidates)
     conflicts = settings_conflicts(chosen.manifest, proposal, explicit)
     if conflicts:
-        raise SwarmError(f"run '{run_id}' exists with different settings (created by {chosen.record.creator[:12]}"
-                         f"): {'; '.join(conflicts)}. Drop or change these settings, or use another --run-id")
+        raise SwarmError(
+            f"run '{run_id}' exists with different settings (created by {chosen.record.creator[:12]}"
+            f"): {'; '.join(conflicts)}. Drop or change these settings, or use another --run-id"
+        )
     if chosen.record.creator == identity.peer_id.to_base58():
         logger.info("started run '%s' (manifest %s)", run_id, chosen.hash[:12])
     else:
-        logger.info("joining run '%s' created by %s (manifest %s)", run_id, chosen.record.creator[:12],
-                    chosen.hash[:12])
+        logger.info(
+            "joining run '%s' created by %s (manifest %s)", run_id, chosen.record.creator[:12], chosen.hash[:12]
+        )
     return chosen
 
 
@@ -228,20 +251,30 @@ def adopt_manifest(cfg: RunConfig, manifest: Manifest) -> tuple[RunConfig, Token
         unpacker = zlib.decompressobj()
         text = unpacker.decompress(manifest.tokenizer_json, MAX_TOKENIZER_JSON_BYTES)
         if unpacker.unconsumed_tail:
-            raise SwarmError(f"the run's manifest carries a tokenizer larger than "
-                             f"{MAX_TOKENIZER_JSON_BYTES // 2**20} MB unpacked; refusing it")
+            raise SwarmError(
+                f"the run's manifest carries a tokenizer larger than "
+                f"{MAX_TOKENIZER_JSON_BYTES // 2**20} MB unpacked; refusing it"
+            )
         tokenizer = tokenizer_from_json(text.decode("utf-8"))
     except (zlib.error, UnicodeDecodeError) as e:
         raise SwarmError(f"the run's manifest carries an unreadable tokenizer ({e})") from None
     if tokenizer.fingerprint != manifest.tokenizer_fingerprint:
         raise SwarmError("the run's manifest tokenizer does not match its fingerprint; refusing it")
     model_args = ModelArgs.from_dict(manifest.model.model_dump())
-    m, t, r = manifest.model, manifest.train, manifest.round
+    m = manifest.model
     new = dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, preset=manifest.preset, seq_len=m.max_seq_len, vocab_size=m.vocab_size,
-                                  tie_embeddings=m.tie_embeddings),
-        train=dataclasses.replace(cfg.train, **{k: getattr(t, k) for k in _TRAIN_KEYS}),
-        round=dataclasses.replace(cfg.round, **{k: getattr(r, k) for k in _ROUND_KEYS}),
+        model=dataclasses.replace(
+            cfg.model,
+            preset=manifest.preset,
+            seq_len=m.max_seq_len,
+            vocab_size=m.vocab_size,
+            tie_embeddings=m.tie_embeddings,
+        ),
+        # a resolved setting (warmup_steps, outer_lr) is adopted as the run's number, never re-derived here
+        **{
+            s.SECTION: dataclasses.replace(getattr(cfg, s.SECTION), **getattr(manifest, s.SECTION).model_dump())
+            for s in _SETTINGS_SECTIONS
+        },
     )
     return new, tokenizer, model_args

@@ -19,8 +19,9 @@ from collections import Counter
 from typing import Annotated, Any, TypeVar
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from photon_p2p.config import RoundConfig, Section, TrainConfig
 from photon_p2p.swarm.identity import Identity, peer_id_from_public_key, verify_signature
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Heartbeat(Strict):
     step: NonNegInt
     tokens: NonNegInt
     tokens_per_s: Annotated[float, Field(ge=0)]
+    round_tokens: NonNegInt = 0  # tokens trained in the current round so far (rounds close on a collective budget)
     loss: float | None = None
     val_ppl: float | None = None
     theta_hash: Annotated[str, Field(max_length=64)] = ""
@@ -80,26 +82,20 @@ class ModelShape(Strict):
     init_std: float
 
 
-class TrainSettings(Strict):
-    """The inner-loop settings everybody shares (the schedule runs on the global step)."""
-
-    max_steps: Annotated[int, Field(ge=1)]
-    batch_size: Annotated[int, Field(ge=1)]
-    lr: float
-    warmup_steps: Annotated[int, Field(ge=0)]
-    alpha_f: float
-    weight_decay: float
-    grad_clip: float
+def settings_schema(section: type[Section], name: str, doc: str) -> type[Strict]:
+    """The manifest's schema for one section's run settings, derived from the fields config.py marks ``shared``:
+    the same names and types (Literal choices kept), every one required, plus the field's ``ge`` bound."""
+    fields: dict[str, Any] = {}
+    for key, tp in section.shared_types().items():
+        ge = section.shared_fields()[key].ge
+        fields[key] = (tp if ge is None else Annotated[tp, Field(ge=ge)], ...)
+    return create_model(name, __base__=Strict, __doc__=doc, __module__=__name__, **fields)
 
 
-class RoundSettings(Strict):
-    local_steps: Annotated[int, Field(ge=1)]
-    round_seconds: float | None
-    reset_inner_optimizer: bool
-    outer_optimizer: Annotated[str, Field(pattern=r"^(fedavg|nesterov|fedadam)$")]
-    outer_lr: float
-    outer_momentum: float
-    compression: Annotated[str, Field(pattern=r"^(none|fp16|blockwise8bit)$")]
+TrainSettings = settings_schema(
+    TrainConfig, "TrainSettings", "The inner-loop settings everybody shares (the schedule runs on the global step)."
+)
+RoundSettings = settings_schema(RoundConfig, "RoundSettings", "The round settings everybody shares.")
 
 
 class Manifest(Strict):

@@ -1,19 +1,27 @@
-"""The round engine: Photon's federated rounds, peer to peer.
+"""The round engine: Photon's federated rounds, peer to peer, on uneven machines.
 
 Round r, on every peer::
 
-    local model <- theta                     (theta: fp32 CPU, identical across the group that produced it)
-    train --local-steps inner steps          (or as many as fit in --round-seconds)
-    delta = theta - local                    (checked: finite, norm not absurd)
-    matchmaking keyed by (run, manifest, r)  -> Butterfly All-Reduce of delta, weighted by tokens
-    theta <- outer_step(theta, mean delta)   (identical on every member: they applied identical bytes)
+    local model <- theta (- c * a late delta carried over, see below)
+    train until the round's *collective* token budget is met     (peers report round tokens in heartbeats)
+    delta = theta - local                                         (checked: finite, norm not absurd)
+    matchmaking keyed by (run, manifest, r) -> Butterfly All-Reduce of delta, weighted by tokens
+    theta <- outer_step(theta, mean delta)                        (identical on every member)
 
-Partial participation: a peer that finds no partner within --matchmaking-time goes on alone (or, with
---min-group-size > 1, keeps looking for a quorum). Straggler policy: **drop and re-sync**. A peer that missed
-its round while others completed it (their heartbeats show a later round) discards its delta and downloads the
-newer theta instead of merging a delta computed against an older theta: merging stale deltas can pull the swarm
-backwards, and with Photon's long rounds one dropped contribution costs little. Peers that drifted apart at the
-*same* round (split groups, failed matchmaking) are merged when they next meet: see swarm/averager.py.
+**Collective budget** (hivemind.Optimizer's target batch size, applied to Photon's rounds): a round closes when
+the peers training it have *together* trained ``local_steps x batch x seq_len`` tokens per peer, so a fast peer
+trains more steps and a slow one fewer, they stop within about one step of each other, and nobody idles waiting
+for a slower peer to finish a fixed number of steps (``--round-seconds`` closes rounds on time instead). Deltas
+are weighted by tokens, so each token counts the same whoever trained it.
+
+**Nobody advances alone while others train the same round**: a peer keeps looking for its group while heartbeats
+show peers at its round (their heartbeats expire within seconds if they die or freeze).
+
+**Late peers carry their work over** instead of dropping it: a peer whose round closed without it (it froze, or
+one step took longer than the others' patience) keeps its delta, downloads the newer theta, and starts its next
+round from ``theta_new - c * delta_late`` with ``c = 1 / (1 + staleness)`` (staleness in rounds). Its late work so
+enters the round it arrives in, damped by its age, inside its own next pseudo-gradient; theta is never replaced by
+an older one, so a late peer cannot pull the swarm backwards. docs/design.md explains the choice.
 """
 
 from __future__ import annotations
@@ -22,99 +30,67 @@ import logging
 import math
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from photon_p2p.config import RunConfig
+from photon_p2p.errors import SwarmError
+from photon_p2p.runtime import DeferredStop
 from photon_p2p.swarm import faults
 from photon_p2p.swarm.averager import PhotonAverager
-from photon_p2p.swarm.dht import DHTCalls
-from photon_p2p.swarm.heartbeat import HeartbeatPublisher, read_heartbeats
+from photon_p2p.swarm.heartbeat import HeartbeatPublisher
 from photon_p2p.swarm.manifest import RunManifest
-from photon_p2p.swarm.records import RecordRejected, RejectCounter, RoundGather, StateMeta
-from photon_p2p.swarm.state import (
-    DeltaGuard,
-    compute_delta,
-    global_norm,
-    load_theta,
-    theta_hash,
-    validate_downloaded_state,
-)
-from photon_p2p.train.metrics import MetricsWriter
+from photon_p2p.swarm.records import RejectCounter, RoundGather, StateMeta
+from photon_p2p.swarm.report import RoundResult, format_round_line
+from photon_p2p.swarm.state import DeltaGuard, compute_delta, global_norm, load_theta, theta_hash
+from photon_p2p.swarm.sync import download_state
+from photon_p2p.swarm.view import ACTIVE_STAGES, SwarmView
 from photon_p2p.train.outer import OuterOptimizer
 from photon_p2p.train.session import LocalSession
 
-if TYPE_CHECKING:
-    from photon_p2p.cli.common import DeferredStop
-
 logger = logging.getLogger(__name__)
 
-MATCHMAKING_SLACK_S = 3.0  # on top of --matchmaking-time: lets a lone leader time out and report cleanly
-HEARTBEAT_POLL_S = 1.0  # how often a peer waiting for a group checks whether the swarm moved on
-DOWNLOAD_ATTEMPTS = 4
-_READY_STAGES = ("ready", "training", "averaging")  # heartbeat stages of a peer that has finished starting up
+MATCHMAKING_SLACK_S = 3.0  # on top of --matchmaking-time for one matchmaking attempt
+PATIENCE_ROUNDS = 3  # while peers of our round are live, keep looking for up to this many --matchmaking-time
+POLL_S = 0.1  # how often a waiting peer checks its averaging step (also the resolution of the idle figures)
+SYNC_AGAIN = 1  # after a download the swarm may have moved on: download once more before training
 
 
 @dataclass
-class RoundResult:
-    """What one round did; becomes a metrics record and a log line."""
+class Carry:
+    """A late round's work, held over to the next round (damped by 1 / (1 + staleness))."""
 
-    round: int
-    step: int
-    outcome: str  # averaged | alone | resynced | skipped
-    group_size: int = 1
-    tokens: int = 0
-    loss: float | None = None
-    val_loss: float | None = None
-    val_ppl: float | None = None
-    allreduce_s: float = 0.0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    outer_norm: float = 0.0
-    reconciled: bool = False
-    lost_fraction: float = 0.0
-    theta_hash: str = ""
-    params: int = 0  # values averaged per round (for comparing with per-step data parallelism)
-    group: list[str] = field(default_factory=list)
-
-    def record(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out.pop("group")
-        out["group_peers"] = self.group
-        return out
+    delta: list[torch.Tensor]
+    tokens: int
+    factor: float
+    from_round: int
 
 
 class RoundEngine:
-    """Runs rounds until --max-steps. The caller owns the processes (DHT, averager, heartbeat thread)."""
+    """Runs this peer's rounds until --max-steps. The caller owns the processes (DHT, averager, heartbeat)."""
 
     def __init__(self, *, cfg: RunConfig, run: RunManifest, session: LocalSession, theta: list[torch.Tensor],
-                 outer: OuterOptimizer, delta: list[torch.Tensor], averager: PhotonAverager, calls: DHTCalls,
-                 heartbeat: HeartbeatPublisher, metrics: MetricsWriter, peer_id: str, show_progress: bool):
+                 outer: OuterOptimizer, delta: list[torch.Tensor], averager: PhotonAverager, view: SwarmView,
+                 heartbeat: HeartbeatPublisher, rejects: RejectCounter, show_progress: bool, round_: int = 0):
         self.cfg, self.run, self.session = cfg, run, session
         self.theta, self.outer, self.delta = theta, outer, delta
-        self.averager, self.calls, self.heartbeat, self.metrics = averager, calls, heartbeat, metrics
-        self.peer_id, self.show_progress = peer_id, show_progress
-        self.round = 0
+        self.averager, self.view, self.heartbeat, self.rejects = averager, view, heartbeat, rejects
+        self.show_progress = show_progress
+        self.round = round_
         self.global_step = session.progress.step
         self.guard = DeltaGuard()
-        self.rejects = RejectCounter()
         self.theta_hash = theta_hash(theta)
-        self.last: RoundResult | None = None
+        self.carry: Carry | None = None
+        self.tokens_per_step = cfg.train.batch_size * session.seq_len
         self._speed = 0.0
-        self.stop: DeferredStop | None = None  # set by the round loop: Ctrl-C/SIGTERM end the round early
-        self.left_cleanly = False  # True once we raised for a stop request at a point where state is consistent
+        self.stop_requested = lambda: False  # set by the loop (swarm/loop.py) to its DeferredStop
 
     @property
-    def stop_requested(self) -> bool:
-        return self.stop is not None and self.stop.requested
-
-    def _leave(self) -> None:
-        """Honour Ctrl-C/SIGTERM: theta, outer state and round are those of the start of this round."""
-        self.left_cleanly = True
-        self.stop.raise_()
+    def tokens_per_s(self) -> float:
+        return self._speed
 
     # ------------------------------------------------------------------------------------------------------
     # state shared with donors (runs in the averager's state-sharing thread, under the averager's lock)
@@ -124,72 +100,343 @@ class RoundEngine:
                          step=self.global_step, theta_hash=self.theta_hash,
                          num_tensors=len(self.theta) + len(self.outer.state_tensors())).model_dump()
 
-    def _set_global(self, *, round_: int, step: int) -> None:
+    def set_global(self, *, round_: int, step: int) -> None:
         self.round = round_
         self.global_step = step  # agreed at round boundaries; the session's counter runs ahead during a round
         self.session.progress.step = step
         self.theta_hash = theta_hash(self.theta)
         if not self.averager.client_mode:
             self.averager.state_sharing_priority = float(round_)  # freshest donors are asked first
-        self.heartbeat.update(round=round_, step=step, theta_hash=self.theta_hash, publish_now=True)
+        self.heartbeat.update(round=round_, step=step, theta_hash=self.theta_hash, round_tokens=0, publish_now=True)
 
     # ------------------------------------------------------------------------------------------------------
-    # what the others are doing
+    # catching up
 
-    def live_peers(self) -> dict[str, Any]:
-        try:
-            beats = read_heartbeats(self.calls, self.run.manifest.run_id, self.rejects)
-        except Exception as e:  # the DHT being slow must not stop training
-            logger.debug("could not read heartbeats: %r", e)
-            return {}
-        return {pid: hb for pid, hb in beats.items() if hb.manifest_hash == self.run.hash and pid != self.peer_id}
-
-    def newest_round_elsewhere(self) -> int:
-        return max((hb.round for hb in self.live_peers().values()), default=-1)
-
-    # ------------------------------------------------------------------------------------------------------
-    # joining: download theta, outer state and round from live peers
-
-    def sync_from_swarm(self, *, reason: str, min_round: int) -> bool:
-        """Download the newest state (several donors in priority order, with retries). True on success."""
-        expected = self.theta + self.outer.state_tensors()
+    def sync(self, *, reason: str, min_round: int) -> float | None:
+        """Download the newest state (round >= min_round). Returns the seconds it took, None if nobody could
+        serve it (then every peer claiming that round is one step closer to being ignored)."""
         self.heartbeat.update(stage="syncing", publish_now=True)
-        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-            t0 = time.perf_counter()
-            try:
-                result = self.averager.load_state_from_peers(timeout=max(30.0, self.cfg.round.allreduce_timeout))
-            except Exception as e:
-                logger.debug("state download failed: %r", e)
-                result = None
-            if result is not None:
-                metadata, tensors = result
-                try:
-                    meta = validate_downloaded_state(metadata, tensors, expected, num_theta=len(self.theta),
-                                                     run_id=self.run.manifest.run_id, manifest_hash=self.run.hash)
-                    if meta.round < min_round:
-                        raise RecordRejected(f"donor is at round {meta.round}, older than {min_round}")
-                except RecordRejected as e:
-                    self.rejects.add("state download", e.reason)
-                    logger.warning("rejected a state download (%s); retrying", e.reason)
-                else:
-                    with self.averager.get_tensors():
-                        for dst, src in zip(expected, tensors, strict=True):
-                            dst.copy_(src)
-                        self._set_global(round_=meta.round, step=meta.step)
-                    logger.info("%s: downloaded theta for round %d (step %d) in %.1fs", reason, meta.round, meta.step,
-                                time.perf_counter() - t0)
-                    return True
-            time.sleep(min(2.0 * attempt, 5.0))
-        logger.warning("%s: no peer could send its state after %d attempts", reason, DOWNLOAD_ATTEMPTS)
-        return False
+        t0 = time.perf_counter()
+        got = download_state(self.averager, self.theta + self.outer.state_tensors(), num_theta=len(self.theta),
+                             run_id=self.run.manifest.run_id, manifest_hash=self.run.hash, min_round=min_round,
+                             rejects=self.rejects, show_progress=self.show_progress)
+        if got is None:
+            self.view.claim_failed(min_round)
+            return None
+        with self.averager.get_tensors():
+            self.set_global(round_=got.meta.round, step=got.meta.step)
+        logger.info("%s: downloaded theta for round %d (step %d): %.0f MB in %.1fs (%.1f MB/s)", reason,
+                    got.meta.round, got.meta.step, got.nbytes / 1e6, got.seconds, got.nbytes / 1e6 / got.seconds)
+        return time.perf_counter() - t0
 
-    def initial_sync(self) -> None:
-        """A joining or restarting peer catches up if the swarm is ahead; a current checkpoint needs nothing."""
-        newest = self.newest_round_elsewhere()
-        if newest > self.round:
-            self.sync_from_swarm(reason=f"swarm is at round {newest}, we are at {self.round}", min_round=newest)
-        else:
-            self._set_global(round_=self.round, step=self.session.progress.step)
+    def catch_up(self, reason: str) -> float:
+        """Download while a peer that can serve state is ahead of us (a joiner must not train on stale state only
+        to throw the work away). Returns seconds spent."""
+        spent = 0.0
+        for _ in range(1 + SYNC_AGAIN):
+            newest = self.view.newest_servable_round()
+            if newest <= self.round:
+                break
+            took = self.sync(reason=f"{reason}: the swarm is at round {newest}, we are at {self.round}",
+                             min_round=newest)
+            if took is None:
+                continue  # nobody could serve it: the claim counts as failed; ask again (bounded by SYNC_AGAIN)
+            spent += took
+            self.view.wait_fresh()
+        self.heartbeat.update(stage="ready", publish_now=True)
+        return spent
+
+    # ------------------------------------------------------------------------------------------------------
+    # one round: train
+
+    def _round_budget(self) -> int:
+        """Steps per peer this round (the last round of a run is shorter)."""
+        return max(1, min(self.cfg.round.local_steps, self.cfg.train.max_steps - self.global_step))
+
+    def _start_local(self) -> int:
+        """Load theta into the local model; subtract a carried late delta. Returns the carried tokens."""
+        s = self.session
+        load_theta(s.model, self.theta)
+        if self.cfg.round.reset_inner_optimizer:
+            s.trainer.reset_optimizer()
+        if self.carry is None:
+            return 0
+        with torch.no_grad():
+            for p, d in zip(s.model.parameters(), self.carry.delta, strict=True):
+                p.sub_((self.carry.factor * d).to(p.device, p.dtype))
+        logger.info("round %d: carrying over round %d's late work (%d tokens, weight x%.2f)", self.round,
+                    self.carry.from_round, self.carry.tokens, self.carry.factor)
+        return self.carry.tokens
+
+    def _budget_met(self, own_tokens: int, budget_steps: int) -> bool:
+        """The round closes when the first peer sees the collective budget met; the others follow at their next
+        step boundary (so estimates that differ between peers cannot keep one of them training alone)."""
+        if self.view.at_round(self.round, ("averaging",)):
+            return True
+        others, n = self.view.tokens_in_round(self.round)
+        return own_tokens + others >= budget_steps * self.tokens_per_step * (1 + n)
+
+    def train_local(self) -> tuple[int, int, float | None, float]:
+        """Inner steps of this round. Returns (steps, tokens, mean loss, seconds)."""
+        s, rc = self.session, self.cfg.round
+        budget = self._round_budget()
+        deadline = time.monotonic() + rc.round_seconds if rc.round_seconds else None
+        steps = tokens = 0
+        losses = []
+        t0 = time.perf_counter()
+        self.heartbeat.update(stage="training", round=self.round, round_tokens=0, publish_now=True)
+        bar = tqdm(total=None if deadline else budget, desc=f"round {self.round}", unit="step", leave=False,
+                   disable=not self.show_progress, dynamic_ncols=True)
+        start_step = s.progress.step
+        try:
+            while not self.stop_requested():
+                if deadline is not None:
+                    if steps >= self.cfg.train.max_steps - self.global_step or \
+                            (steps > 0 and time.monotonic() >= deadline):
+                        break
+                elif steps > 0 and self._budget_met(tokens, budget):
+                    break
+                result = s.train_step()
+                steps += 1
+                tokens += result.tokens
+                losses.append(result.loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", refresh=False)
+                speed = tokens / max(time.perf_counter() - t0, 1e-9)
+                self.heartbeat.update(step=s.progress.step, tokens=s.progress.tokens, round_tokens=tokens,
+                                      tokens_per_s=speed,
+                                      loss=result.loss if math.isfinite(result.loss) else None)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        self._speed = tokens / max(seconds, 1e-9)
+        s.progress.step = start_step  # the global step advances when the round ends (agreed with the group)
+        finite = [x for x in losses if math.isfinite(x)]
+        return steps, tokens, (sum(finite) / len(finite) if finite else None), seconds
+
+    # ------------------------------------------------------------------------------------------------------
+    # one round: average
+
+    def _expected_mates(self) -> int:
+        """Peers we keep waiting for: those training or averaging our round, and those still finishing the
+        previous one's all-reduce (heartbeats lag a round boundary by a second or two)."""
+        return len(self.view.at_round(self.round, ("training", "averaging"))) + \
+            len(self.view.at_round(self.round - 1, ("averaging",)))
+
+    def _group_target(self) -> int:
+        """How big a group to ask hivemind for. Also counts peers whose heartbeat still shows the previous round in
+        training: with short rounds that is usually a heartbeat a second old, and a full group starts the moment
+        its last member arrives, whereas a target too small starts without it (the target only costs up to
+        --matchmaking-time when such a peer really is a round behind)."""
+        stages = ("training", "averaging")
+        return 1 + len(self.view.at_round(self.round, stages)) + len(self.view.at_round(self.round - 1, stages))
+
+    def _attempt(self, gather: dict[str, Any], weight: float) -> dict[str, Any] | str:
+        """One matchmaking + all-reduce attempt. Returns the outcome, or why it did not happen: 'nogroup', 'late',
+        'stop'. Never raises: a hivemind error is a failed attempt, not a crashed peer."""
+        rc = self.cfg.round
+        expected = self._group_target() - 1
+        target = expected + 1 if expected else None
+        if rc.target_group_size is not None:
+            target = min(target or rc.target_group_size, rc.target_group_size)
+        if target is not None:
+            target = max(target, rc.min_group_size)  # hivemind starts a group at its target, whatever the minimum
+        try:
+            # every attempt sets the round again: hivemind rewrites the group bits once a group is assembled, so
+            # after a failed all-reduce a retry would look for its group under another key
+            self.averager.set_round(self.round, target if target and target >= 2 else rc.target_group_size)
+            with self.averager.get_tensors():  # a failed attempt may have overwritten part of the buffers
+                compute_delta(self.theta, self.session.model, self.delta)  # includes a carried-over delta
+            control = self.averager.step(gather=gather, weight=weight, wait=False, allow_retries=False,
+                                         timeout=rc.matchmaking_time + MATCHMAKING_SLACK_S)
+        except Exception as e:
+            logger.debug("round %d: could not start averaging (%r)", self.round, e)
+            return "nogroup"
+        try:
+            while not control.done():
+                if self.stop_requested():
+                    control.cancel()
+                    return "stop"
+                if not control.began_allreduce and self.view.newest_servable_round() > self.round \
+                        and not self._expected_mates():
+                    control.cancel()  # our round closed without us
+                    return "late"
+                try:
+                    return control.result(timeout=POLL_S)
+                except FutureTimeout:
+                    continue
+            return control.result()
+        except Exception as e:  # no group, a groupmate vanished, ...: the caller decides, the peer never crashes
+            if "could not find a group" in str(e):
+                logger.debug("round %d: no group yet", self.round)
+            else:
+                logger.warning("round %d: averaging attempt failed (%s); retrying while peers of this round are "
+                               "live", self.round, str(e)[:200] or type(e).__name__)
+            return "nogroup"
+
+    def average(self, steps: int, tokens: int, weight: float, loss: float | None) -> dict[str, Any] | str:
+        """Look for this round's group while it can still form. Returns the all-reduce outcome, or 'alone',
+        'late' (the round closed without us) or 'stop'."""
+        rc = self.cfg.round
+        gather = RoundGather(round=self.round, theta_hash=self.theta_hash, tokens=tokens, steps=steps,
+                             loss=loss if loss is not None and math.isfinite(loss) else None).model_dump()
+        start = time.monotonic()
+        patience = rc.matchmaking_time * PATIENCE_ROUNDS
+        warned = False
+        while True:
+            if self.stop_requested():
+                return "stop"
+            mates = self._expected_mates()
+            waited = time.monotonic() - start
+            if not mates:
+                if self.view.newest_servable_round() > self.round:
+                    return "late"
+                if rc.min_group_size <= 1:
+                    return "alone"  # nobody else trains this round: partial participation
+            elif waited >= patience and rc.min_group_size <= 1:
+                logger.warning("round %d: %d peer(s) report this round but no group formed in %.0fs; going on "
+                               "alone (they merge with us when we next meet)", self.round, mates, waited)
+                return "alone"
+            if self.averager.client_mode and not self.view.reachable_peers() and rc.min_group_size <= 1:
+                return "alone"  # nobody accepts connections: no group can form (said once at start)
+            if rc.min_group_size > 1:
+                if waited >= rc.quorum_timeout:
+                    raise SwarmError(f"no group of at least {rc.min_group_size} peers formed in "
+                                     f"{rc.quorum_timeout:.0f}s (--min-group-size, --quorum-timeout); "
+                                     f"{len(self.view.peers())} other peer(s) are live in run "
+                                     f"'{self.run.manifest.run_id}'")
+                if not warned and waited >= rc.matchmaking_time:
+                    logger.info("round %d: waiting for a group of at least %d peers (--min-group-size; gives up "
+                                "after --quorum-timeout %.0fs)", self.round, rc.min_group_size, rc.quorum_timeout)
+                    warned = True
+            outcome = self._attempt(gather, weight)
+            if not isinstance(outcome, str) or outcome in ("late", "stop"):
+                return outcome
+            time.sleep(0.2)
+
+    # ------------------------------------------------------------------------------------------------------
+    # one round, start to end
+
+    def run_round(self) -> RoundResult:
+        """Train, then average (or go alone, or carry the work over if the round closed without us)."""
+        s, rc = self.session, self.cfg.round
+        r = self.round
+        carried = self._start_local()
+        steps, tokens, loss, train_s = self.train_local()
+        if self.stop_requested():
+            raise _Leave()
+        if faults.at("nan_update", r) is not None:
+            with torch.no_grad():
+                next(s.model.parameters()).fill_(float("nan"))
+        stall = faults.at("stall_before_average", r)
+        if stall:
+            time.sleep(stall)
+        advance = steps if rc.round_seconds else self._round_budget()  # global steps this round, if alone
+        base = RoundResult(round=r, step=self.global_step + advance, outcome="alone", own_tokens=tokens, loss=loss,
+                           train_s=train_s)
+        with self.averager.get_tensors():
+            compute_delta(self.theta, s.model, self.delta)
+        ok, norm, why = self.guard.check(self.delta)
+        if not ok:
+            logger.warning("round %d: not sharing this round's update: %s; resetting the inner optimizer", r, why)
+            s.trainer.reset_optimizer()
+            self.carry = None
+            base.wasted_tokens = tokens + carried
+            return self._sit_out(base)
+        self.guard.accept(norm)
+        self.heartbeat.update(stage="averaging", round_tokens=tokens, publish_now=True)
+        weight = tokens + (self.carry.factor * self.carry.tokens if self.carry else 0.0)
+        t0 = time.perf_counter()
+        outcome = self.average(advance, tokens, float(max(weight, 1.0)), loss)
+        waited = time.perf_counter() - t0
+        base.allreduce_s = outcome["allreduce_s"] if isinstance(outcome, dict) else 0.0
+        base.matchmaking_s = waited - base.allreduce_s  # looking for the group: idle time
+        if outcome == "stop":
+            raise _Leave()  # this round's update is dropped; the others carry on without us
+        if outcome == "late":
+            return self._late(base, carried)
+        base.tokens_in_theta = tokens + carried
+        self.carry = None
+        if outcome == "alone":
+            base.tokens = tokens
+            with self.averager.get_tensors():  # alone: our own delta is the average
+                compute_delta(self.theta, s.model, self.delta)
+            return self._apply(base)
+        gathered = outcome["gathered"]
+        base.outcome, base.group_size, base.group = "averaged", len(gathered), outcome["group"]
+        base.step = self.global_step + min(g["steps"] for g in gathered.values())  # the same on every member
+        base.tokens = sum(g["tokens"] for g in gathered.values())
+        base.bytes_sent, base.bytes_received = outcome["bytes_sent"], outcome["bytes_received"]
+        base.reconciled, base.lost_fraction = outcome["reconciled"], outcome["lost_fraction"]
+        if outcome["reconciled"]:
+            logger.info("round %d: group members held different theta; merged them", r)
+        if outcome.get("reconcile_failed"):
+            logger.warning("round %d: merging the group's different theta failed part-way; each member kept its "
+                           "own (they merge when they next meet)", r)
+        if not math.isfinite(global_norm(self.delta)):
+            # every member received the same values, so every member takes the same decision here
+            logger.warning("round %d: the averaged update is not finite; skipping it", r)
+            base.outcome, base.tokens_in_theta, base.wasted_tokens = "skipped", 0, tokens + carried
+            return self._advance(base)
+        return self._apply(base)
+
+    def _apply(self, result: RoundResult) -> RoundResult:
+        with self.averager.get_tensors():
+            result.outer_norm = self.outer.step(self.delta)
+        return self._advance(result)
+
+    def _advance(self, result: RoundResult) -> RoundResult:
+        with self.averager.get_tensors():
+            self.set_global(round_=self.round + 1, step=min(result.step, self.cfg.train.max_steps))
+        result.theta_hash = self.theta_hash
+        result.params = sum(t.numel() for t in self.theta)
+        return result
+
+    def _late(self, result: RoundResult, carried: int) -> RoundResult:
+        """Our round closed without us: keep the work (our delta, already including any earlier carry), download
+        the newer theta, and merge the work into the next round, damped by its staleness."""
+        r = self.round
+        kept = [d.clone() for d in self.delta]
+        newest = self.view.newest_servable_round()
+        logger.info("round %d: the swarm closed this round without us (it is at round %d); keeping our update for "
+                    "the next round and re-syncing", r, newest)
+        t0 = time.perf_counter()
+        took = self.sync(reason="late", min_round=newest)
+        result.sync_s = time.perf_counter() - t0
+        if took is None:
+            # nobody could serve the newer round: the claim is doubtful, so finish our own round alone instead of
+            # skipping it (a skipped round does not advance the step, and the run would never end)
+            logger.warning("round %d: could not download the newer state; applying our own update", r)
+            result.tokens_in_theta = result.own_tokens + carried
+            self.carry = None
+            return self._apply(result)
+        staleness = max(1, self.round - r)
+        tokens = result.own_tokens + (self.carry.tokens if self.carry else 0)
+        self.carry = Carry(delta=kept, tokens=tokens, factor=1.0 / (1.0 + staleness), from_round=r)
+        result.outcome, result.staleness, result.carried_tokens = "late", staleness, tokens
+        result.step = self.global_step
+        result.theta_hash, result.params = self.theta_hash, sum(t.numel() for t in self.theta)
+        return result
+
+    def _sit_out(self, result: RoundResult) -> RoundResult:
+        """This round's update is unusable (NaN, absurd norm): let the others finish the round without us, then
+        take their theta; if nobody else trains this round, skip it (the step still advances)."""
+        r = self.round
+        result.outcome = "skipped"
+        self.heartbeat.update(stage="sitting-out", publish_now=True)  # so nobody waits for us in matchmaking
+        deadline = time.monotonic() + self.cfg.round.matchmaking_time + self.cfg.round.allreduce_timeout
+        while self._expected_mates() and time.monotonic() < deadline and not self.stop_requested():
+            time.sleep(0.5)
+        if self.view.newest_servable_round() > r and self.sync(reason="re-sync after a skipped update",
+                                                               min_round=r + 1) is not None:
+            result.step = self.global_step
+            result.theta_hash, result.params = self.theta_hash, sum(t.numel() for t in self.theta)
+            return result
+        return self._advance(result)
+
+
+    # ------------------------------------------------------------------------------------------------------
+    # the loop: start together, catch up, rounds, evaluations, metrics, checkpoints, clean stops
 
     def wait_for_peers(self) -> None:
         """--wait-for-peers N: the peers of a new run start round 0 together, instead of the first one up training
@@ -201,15 +448,15 @@ class RoundEngine:
         deadline = time.monotonic() + sw.wait_for_peers_timeout
         next_log = time.monotonic() + 10.0
         while True:
-            peers = self.live_peers().values()
-            if any(hb.round > self.round for hb in peers):
-                return  # the run is under way already: the first round re-syncs
-            ready = 1 + sum(1 for hb in peers if hb.round == self.round and hb.stage in _READY_STAGES)
+            peers = self.view.peers().values()
+            if any(v.hb.round > self.round for v in peers):
+                return  # the run is under way already: catch_up downloads its state
+            ready = 1 + sum(1 for v in peers if v.hb.round == self.round and v.hb.stage in ACTIVE_STAGES)
             if ready >= sw.wait_for_peers:
                 logger.info("%d peers ready: starting round %d", ready, self.round)
                 return
-            if self.stop_requested:
-                self._leave()
+            if self.stop_requested():
+                raise _Leave()
             now = time.monotonic()
             if now >= deadline:
                 logger.warning("only %d of %d peers ready after %.0fs (--wait-for-peers-timeout): starting anyway",
@@ -220,192 +467,74 @@ class RoundEngine:
                 next_log = now + 10.0
             time.sleep(0.5)
 
-    # ------------------------------------------------------------------------------------------------------
-    # one round
+    def _say_if_no_group_can_form(self) -> None:
+        peers = self.view.peers()
+        if self.averager.client_mode and peers and not self.view.reachable_peers():
+            logger.warning("every live peer of run '%s' is in --client-mode: none accepts connections, so no group "
+                           "can form and this peer trains alone until a peer without --client-mode joins",
+                           self.run.manifest.run_id)
 
-    def train_local(self) -> tuple[int, int, float | None]:
-        """Inner steps of this round. Returns (steps, tokens, mean loss)."""
-        s, rc, train = self.session, self.cfg.round, self.cfg.train
-        load_theta(s.model, self.theta)
-        if rc.reset_inner_optimizer:
-            s.trainer.reset_optimizer()
-        budget = min(rc.local_steps, train.max_steps - s.progress.step)
-        deadline = time.monotonic() + rc.round_seconds if rc.round_seconds else None
-        steps = tokens = 0
-        losses = []
-        t0 = time.perf_counter()
-        bar = tqdm(total=None if deadline else budget, desc=f"round {self.round}", unit="step", leave=False,
-                   disable=not self.show_progress, dynamic_ncols=True)
-        start_step = s.progress.step
+    def save(self) -> None:
+        from photon_p2p.swarm.manifest import manifest_settings
+
+        self.session.save(extra_tensors={"theta": {f"{i:05d}": t for i, t in enumerate(self.theta)},
+                                         "outer": self.outer.state},
+                          extra_state={"round": self.round, "manifest_hash": self.run.hash,
+                                       "manifest_settings": manifest_settings(self.run.manifest)})
+
+    def _evaluate(self, result: RoundResult) -> None:
+        from photon_p2p.train.solo import format_eval_line
+
+        load_theta(self.session.model, self.theta)  # evaluate the global model, not this peer's local copy
+        result.val_loss, result.val_ppl = self.session.evaluate()
+        logger.info(format_eval_line(self.global_step, self.cfg.train.max_steps, result.loss, result.val_loss,
+                                     result.val_ppl, self.tokens_per_s))
+        self.heartbeat.update(val_ppl=result.val_ppl)
+
+    def loop(self, metrics) -> dict[str, Any]:
+        """Every round until --max-steps. Ctrl-C/SIGTERM stop between rounds (or leave a round unfinished, its
+        update dropped) with a checkpoint of the last round boundary; a second Ctrl-C stops at once, unsaved."""
+        train, ck = self.cfg.train, self.cfg.checkpoint
+        last: dict[str, Any] = {}
+        stop = DeferredStop()
+        self.stop_requested = lambda: stop.requested
         try:
-            while s.progress.step < train.max_steps:
-                if deadline is None and steps >= budget:
-                    break
-                if deadline is not None and steps > 0 and time.monotonic() >= deadline:
-                    break
-                if self.stop_requested:
-                    break  # the round loop leaves without averaging; theta stays at the start of this round
-                result = s.train_step()
-                steps += 1
-                tokens += result.tokens
-                losses.append(result.loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", refresh=False)
-                if steps % max(1, train.log_every) == 0:
-                    loss_now = result.loss if math.isfinite(result.loss) else None
-                    self.heartbeat.update(step=s.progress.step, tokens=s.progress.tokens, loss=loss_now,
-                                          tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
-        finally:
-            bar.close()
-        self._speed = tokens / max(time.perf_counter() - t0, 1e-9)
-        if losses:  # photon-status shows these: update them even when --log-every exceeds --local-steps
-            self.heartbeat.update(step=s.progress.step, tokens=s.progress.tokens,
-                                  loss=losses[-1] if math.isfinite(losses[-1]) else None,
-                                  tokens_per_s=self._speed)
-        s.progress.step = start_step  # the global step advances when the round ends (agreed with the group)
-        finite = [x for x in losses if math.isfinite(x)]
-        return steps, tokens, (sum(finite) / len(finite) if finite else None)
+            with stop:
+                self.wait_for_peers()
+                self.catch_up("joining")
+                self._say_if_no_group_can_form()
+                while self.global_step < train.max_steps and not stop.requested:
+                    before = self.global_step
+                    result = self.run_round()
+                    step = self.global_step
+                    final = step >= train.max_steps
+                    if (train.eval_every and step // train.eval_every > before // train.eval_every) or final:
+                        self._evaluate(result)
+                    logger.info(format_round_line(result, self.tokens_per_s))
+                    last = result.record()
+                    last["tokens_per_s"] = round(self.tokens_per_s, 1)
+                    metrics.write(last)
+                    if ck.dir and (step // ck.every > before // ck.every or final):
+                        self.save()
+        except _Leave:
+            pass
+        except SwarmError:
+            if ck.dir and self.round > 0:
+                self.save()  # the state of the last round boundary: --resume continues from it
+            raise
+        except KeyboardInterrupt:
+            logger.warning("interrupted twice inside round %d: not saved (--resume continues from the last "
+                           "checkpoint)", self.round)
+            raise
+        if stop.requested:
+            if ck.dir and self.round > 0:
+                self.save()
+                logger.warning("%s at round %d: checkpoint saved (continue with --resume)", stop.name, self.round)
+            else:
+                logger.warning("%s at round %d: stopping", stop.name, self.round)
+            stop.raise_()
+        return last
 
-    def _average(self, steps: int, tokens: int, loss: float | None) -> dict[str, Any] | None:
-        """Matchmaking + all-reduce for this round, retried until --matchmaking-time runs out. None: no group."""
-        rc = self.cfg.round
-        gather = RoundGather(round=self.round, theta_hash=self.theta_hash, tokens=tokens, steps=steps,
-                             loss=loss if loss is not None and math.isfinite(loss) else None).model_dump()
-        peers = list(self.live_peers().values())
-        if not peers and self.cfg.round.min_group_size <= 1:
-            return None  # nobody else in the run: do not wait out the matchmaking time for no one
-        # peers one round behind are usually just finishing their all-reduce (heartbeats lag): expect them too
-        expected = sum(1 for hb in peers if self.round - 1 <= hb.round <= self.round)
-        target = expected + 1 if expected else None
-        if rc.target_group_size is not None:
-            target = min(target or rc.target_group_size, rc.target_group_size)
-        if target is not None:
-            target = max(target, rc.min_group_size)  # hivemind starts a group at its target, whatever the minimum
-        self.averager.set_round(self.round, target if target and target >= 2 else rc.target_group_size)
-        deadline = time.monotonic() + rc.matchmaking_time + MATCHMAKING_SLACK_S
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0.5:
-                return None
-            with self.averager.get_tensors():  # a failed attempt may have overwritten part of the buffers
-                compute_delta(self.theta, self.session.model, self.delta)
-            control = self.averager.step(gather=gather, weight=float(max(tokens, 1)), timeout=remaining,
-                                         allow_retries=False, wait=False)
-            try:
-                while not control.done():
-                    if self.stop_requested:
-                        control.cancel()
-                        return None
-                    # a straggler stops waiting as soon as the others have finished this round without it
-                    if not control.began_allreduce and self.newest_round_elsewhere() > self.round:
-                        control.cancel()
-                        return None
-                    try:
-                        return control.result(timeout=HEARTBEAT_POLL_S)
-                    except FutureTimeout:
-                        continue
-                return control.result()
-            except Exception as e:  # no group, a groupmate vanished, ... : decide below, never crash the peer
-                if "could not find a group" in str(e):
-                    logger.debug("round %d: no group yet", self.round)
-                else:
-                    logger.warning("round %d: averaging attempt failed (%r); retrying while time remains",
-                                   self.round, e)
-                time.sleep(0.2)
 
-    def run_round(self) -> RoundResult:
-        s, rc = self.session, self.cfg.round
-        self.heartbeat.update(stage="training", round=self.round)
-        steps, tokens, loss = self.train_local()
-        step_before = s.progress.step
-        if self.stop_requested:
-            self._leave()
-        if faults.at("nan_update", self.round) is not None:
-            with torch.no_grad():
-                next(s.model.parameters()).fill_(float("nan"))
-        stall = faults.at("stall_before_average", self.round)
-        if stall:
-            time.sleep(stall)
-        with self.averager.get_tensors():
-            compute_delta(self.theta, s.model, self.delta)
-        ok, norm, why = self.guard.check(self.delta)
-        if not ok:
-            logger.warning("round %d: not sharing this round's update: %s; resetting the inner optimizer",
-                           self.round, why)
-            s.trainer.reset_optimizer()
-            return self._skip_round(step_before + steps, tokens, loss)
-        self.guard.accept(norm)
-        self.heartbeat.update(stage="averaging", tokens=s.progress.tokens, publish_now=True)
-        t0 = time.perf_counter()
-        newest = self.newest_round_elsewhere()
-        if newest > self.round:  # finished this round without us already: no point looking for a group
-            return self._resync(newest, tokens, loss)
-        outcome = self._average(steps, tokens, loss)
-        while (outcome is None and rc.min_group_size > 1 and not self.stop_requested
-               and self.newest_round_elsewhere() <= self.round):
-            logger.info("round %d: waiting for a group of at least %d peers (--min-group-size)", self.round,
-                        rc.min_group_size)
-            outcome = self._average(steps, tokens, loss)
-        allreduce_s = time.perf_counter() - t0
-        if self.stop_requested:
-            self._leave()  # this round's update is dropped; the others carry on without us
-        if outcome is None:
-            newest = self.newest_round_elsewhere()
-            if newest > self.round:
-                return self._resync(newest, tokens, loss)
-            with self.averager.get_tensors():  # alone: our own delta is the average
-                compute_delta(self.theta, s.model, self.delta)
-            return self._apply(RoundResult(round=self.round, step=step_before + steps, outcome="alone",
-                                           tokens=tokens, loss=loss, allreduce_s=allreduce_s))
-        gathered = outcome["gathered"]
-        group_steps = max(g["steps"] for g in gathered.values())
-        result = RoundResult(round=self.round, step=step_before + group_steps, outcome="averaged",
-                             group_size=len(gathered), tokens=sum(g["tokens"] for g in gathered.values()), loss=loss,
-                             allreduce_s=allreduce_s, bytes_sent=outcome["bytes_sent"],
-                             bytes_received=outcome["bytes_received"], reconciled=outcome["reconciled"],
-                             lost_fraction=outcome["lost_fraction"], group=outcome["group"])
-        if outcome["reconciled"]:
-            logger.info("round %d: group members held different theta; merged them", self.round)
-        if not math.isfinite(global_norm(self.delta)):
-            # every member received the same values, so every member takes the same decision here
-            logger.warning("round %d: the averaged update is not finite; skipping it", self.round)
-            result.outcome = "skipped"
-            return self._advance(result)
-        return self._apply(result)
-
-    def _apply(self, result: RoundResult) -> RoundResult:
-        with self.averager.get_tensors():
-            result.outer_norm = self.outer.step(self.delta)
-        return self._advance(result)
-
-    def _advance(self, result: RoundResult) -> RoundResult:
-        with self.averager.get_tensors():
-            self._set_global(round_=self.round + 1, step=min(result.step, self.cfg.train.max_steps))
-        result.theta_hash = self.theta_hash
-        result.params = sum(t.numel() for t in self.theta)
-        return result
-
-    def _skip_round(self, step: int, tokens: int, loss: float | None) -> RoundResult:
-        newest = self.newest_round_elsewhere()
-        if newest >= self.round:
-            deadline = time.monotonic() + self.cfg.round.matchmaking_time + self.cfg.round.allreduce_timeout
-            while self.newest_round_elsewhere() <= self.round and time.monotonic() < deadline:
-                time.sleep(1.0)
-            newest = self.newest_round_elsewhere()
-            if newest > self.round:
-                return self._resync(newest, tokens, loss)
-        return self._advance(RoundResult(round=self.round, step=step, outcome="skipped", tokens=tokens, loss=loss))
-
-    def _resync(self, newest: int, tokens: int, loss: float | None) -> RoundResult:
-        logger.info("round %d: the swarm moved on to round %d without us; dropping our update and re-syncing",
-                    self.round, newest)
-        r = self.round
-        if not self.sync_from_swarm(reason="straggler", min_round=newest):
-            return self._advance(RoundResult(round=r, step=self.session.progress.step, outcome="skipped",
-                                             tokens=tokens, loss=loss))
-        return RoundResult(round=r, step=self.session.progress.step, outcome="resynced", tokens=tokens, loss=loss,
-                           theta_hash=self.theta_hash, params=sum(t.numel() for t in self.theta))
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self._speed
+class _Leave(Exception):
+    """Ctrl-C/SIGTERM inside a round: leave with theta, outer state and round as at the start of this round."""

@@ -13,9 +13,9 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from photon_p2p.cli.common import DeferredStop, GracefulExit, progress_enabled
 from photon_p2p.config import RunConfig, TrainConfig
 from photon_p2p.errors import ConfigError
+from photon_p2p.runtime import DeferredStop, GracefulExit, progress_enabled
 from photon_p2p.train.checkpoint import Checkpoint, clear_checkpoints, latest_checkpoint, load_checkpoint
 from photon_p2p.train.metrics import MetricsWriter
 from photon_p2p.train.session import LocalSession
@@ -38,8 +38,10 @@ def checkpoint_to_resume(cfg: RunConfig) -> Checkpoint | None:
         logger.info("--fresh: deleted %d checkpoint(s) in %s", n, ck.dir)
         return None
     if not ck.resume:
-        raise ConfigError(f"--checkpoint-dir {ck.dir} already holds checkpoints (latest: {latest.name}): pass "
-                          f"--resume to continue that run or --fresh to discard it")
+        raise ConfigError(
+            f"--checkpoint-dir {ck.dir} already holds checkpoints (latest: {latest.name}): pass "
+            f"--resume to continue that run or --fresh to discard it"
+        )
     logger.info("resuming from %s", latest)
     return load_checkpoint(latest)
 
@@ -49,18 +51,24 @@ def _warn_if_schedule_changed(ckpt: Checkpoint, cfg: RunConfig) -> None:
     other values continues on a different schedule (fine for extending a run, but not a reproduction of it)."""
     saved = (ckpt.meta.get("config") or {}).get("train") or {}
     now = cfg.train.to_dict()
-    changed = [f"{TrainConfig.flag_of(k)} {saved[k]!r} -> {now[k]!r}"
-               for k in ("max_steps", "warmup_steps", "lr", "alpha_f") if k in saved and saved[k] != now[k]]
+    changed = [
+        f"{TrainConfig.flag_of(k)} {saved[k]!r} -> {now[k]!r}"
+        for k in ("max_steps", "warmup_steps", "lr", "alpha_f")
+        if k in saved and saved[k] != now[k]
+    ]
     if changed:
-        logger.warning("resuming with a different learning-rate schedule than the checkpoint's run (%s)",
-                       ", ".join(changed))
+        logger.warning(
+            "resuming with a different learning-rate schedule than the checkpoint's run (%s)", ", ".join(changed)
+        )
 
 
-def format_eval_line(step: int, max_steps: int, loss: float | None, val_loss: float, val_ppl: float,
-                     tokens_per_s: float) -> str:
+def format_eval_line(
+    step: int, max_steps: int, loss: float | None, val_loss: float, val_ppl: float, tokens_per_s: float
+) -> str:
     train = f"loss {loss:.4f} | " if loss is not None else ""
-    return (f"step {step}/{max_steps} | {train}val loss {val_loss:.4f} | val ppl {val_ppl:.2f} | "
-            f"{tokens_per_s:,.0f} tok/s")
+    return (
+        f"step {step}/{max_steps} | {train}val loss {val_loss:.4f} | val ppl {val_ppl:.2f} | {tokens_per_s:,.0f} tok/s"
+    )
 
 
 class Throughput:
@@ -93,14 +101,23 @@ def run_solo(cfg: RunConfig) -> dict[str, Any]:
         session.restore(resume)
     train, metrics = cfg.train, MetricsWriter(cfg.log.metrics_file)
     if session.progress.step >= train.max_steps:
-        logger.info("the checkpoint is at step %d, already --max-steps %d: nothing to train (raise --max-steps to "
-                    "continue)", session.progress.step, train.max_steps)
+        logger.info(
+            "the checkpoint is at step %d, already --max-steps %d: nothing to train (raise --max-steps to continue)",
+            session.progress.step,
+            train.max_steps,
+        )
     speed = Throughput()
     last: dict[str, Any] = {}
     saved_step = session.progress.step if resume is not None else -1
     stopping = False
-    bar = tqdm(total=train.max_steps, initial=session.progress.step, desc="training", unit="step",
-               disable=not show, dynamic_ncols=True)
+    bar = tqdm(
+        total=train.max_steps,
+        initial=session.progress.step,
+        desc="training",
+        unit="step",
+        disable=not show,
+        dynamic_ncols=True,
+    )
     try:
         with logging_redirect_tqdm(), DeferredStop() as stop:
             while session.progress.step < train.max_steps:
@@ -111,14 +128,23 @@ def run_solo(cfg: RunConfig) -> dict[str, Any]:
                 final = step == train.max_steps
                 if step % train.log_every == 0 or final:
                     rate = speed.take()
-                    last = dict(step=step, loss=result.loss, lr=result.lr, tokens=session.progress.tokens,
-                                tokens_per_s=round(rate, 1), grad_norm=result.grad_norm)
+                    last = dict(
+                        step=step,
+                        loss=result.loss,
+                        lr=result.lr,
+                        tokens=session.progress.tokens,
+                        tokens_per_s=round(rate, 1),
+                        grad_norm=result.grad_norm,
+                    )
                     metrics.write(last)
                     bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", refresh=False)
                 if (train.eval_every and step % train.eval_every == 0) or final:
                     val_loss, val_ppl = session.evaluate()
-                    logger.info(format_eval_line(step, train.max_steps, result.loss, val_loss, val_ppl,
-                                                 last.get("tokens_per_s", 0.0)))
+                    logger.info(
+                        format_eval_line(
+                            step, train.max_steps, result.loss, val_loss, val_ppl, last.get("tokens_per_s", 0.0)
+                        )
+                    )
                     metrics.write(dict(step=step, val_loss=val_loss, val_ppl=val_ppl, tokens=session.progress.tokens))
                     last.update(val_loss=val_loss, val_ppl=val_ppl)
                 if cfg.checkpoint.dir and (step % cfg.checkpoint.every == 0 or final):
@@ -134,8 +160,10 @@ def run_solo(cfg: RunConfig) -> dict[str, Any]:
                     stop.raise_()
     except KeyboardInterrupt as e:
         if not isinstance(e, GracefulExit) and not stopping:
-            logger.warning("interrupted inside step %d: not saved (--resume continues from the last checkpoint)",
-                           session.progress.step + 1)
+            logger.warning(
+                "interrupted inside step %d: not saved (--resume continues from the last checkpoint)",
+                session.progress.step + 1,
+            )
         raise
     finally:
         bar.close()

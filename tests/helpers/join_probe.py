@@ -37,21 +37,29 @@ async def _routing_table(_dht, node) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bootstrap", required=True,
-                        help="multiaddr of the bootstrap node, or @FILE: read it from FILE when iteration 0 starts "
-                             "(so the probes can import torch and hivemind while the bootstrap node starts)")
+    parser.add_argument(
+        "--bootstrap",
+        required=True,
+        help="multiaddr of the bootstrap node, or @FILE: read it from FILE when iteration 0 starts "
+        "(so the probes can import torch and hivemind while the bootstrap node starts)",
+    )
     parser.add_argument("--workdir", required=True, type=Path, help="where the go-/stop- barrier files appear")
     parser.add_argument("--name", required=True, help="this probe's name (for the log)")
     parser.add_argument("--expect", type=int, default=4, help="peers (this one included) that must be seen")
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to see everyone, per iteration")
     parser.add_argument("--run-prefix", default="probe", help="iteration i uses run id <prefix><i>")
-    parser.add_argument("--local-steps", type=int, default=5,
-                        help="the --local-steps this probe asks for explicitly when it agrees on the run's manifest "
-                             "(give the probes different values to make them conflict)")
+    parser.add_argument(
+        "--local-steps",
+        type=int,
+        default=5,
+        help="the --local-steps this probe asks for explicitly when it agrees on the run's manifest "
+        "(give the probes different values to make them conflict)",
+    )
     args = parser.parse_args()
 
-    from photon_p2p.cli.common import quiet_hivemind, setup_logging
+    from photon_p2p.cli.common import setup_logging
+    from photon_p2p.runtime import quiet_hivemind
 
     setup_logging("warning")
     quiet_hivemind("warning")
@@ -76,20 +84,26 @@ def main() -> int:
         scratch = tempfile.TemporaryDirectory(prefix="probe-")
         try:
             identity = Identity.ephemeral(scratch.name)
-            dht = start_dht(initial_peers=[args.bootstrap], host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity=identity,
-                            join_timeout=30)
+            dht = start_dht(
+                initial_peers=[args.bootstrap], host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity=identity, join_timeout=30
+            )
             joined_s = time.monotonic() - started
             calls = DHTCalls(dht)
             proposal = micro_manifest(run_id, local_steps=args.local_steps)
             try:  # exactly what photon-peer does with its own settings, --local-steps given explicitly
                 run = agree_on_manifest(calls, identity, proposal, {"round.local_steps"})
             except SwarmError as e:
-                print(json.dumps({"iteration": i, "name": args.name, "peer": identity.peer_id.to_base58(),
-                                  "refused": str(e)}), flush=True)
+                print(
+                    json.dumps(
+                        {"iteration": i, "name": args.name, "peer": identity.peer_id.to_base58(), "refused": str(e)}
+                    ),
+                    flush=True,
+                )
                 wait_for_file(args.workdir / f"stop-{i}", timeout=args.timeout + 60)
                 continue
-            publisher = HeartbeatPublisher(calls, identity, run, device="cpu", client_mode=False,
-                                           maddrs=visible_maddrs(dht)).start()
+            publisher = HeartbeatPublisher(
+                calls, identity, run, device="cpu", client_mode=False, maddrs=visible_maddrs(dht)
+            ).start()
             seen: dict = {}
             reads = 0
             deadline = time.monotonic() + args.timeout
@@ -100,10 +114,22 @@ def main() -> int:
                     break
                 time.sleep(0.25)
             routing = dht.run_coroutine(_routing_table)
-            print(json.dumps({"iteration": i, "name": args.name, "peer": identity.peer_id.to_base58(),
-                              "manifest": run.hash, "saw": sorted(seen), "routing_table": routing,
-                              "join_s": round(joined_s, 2), "reads": reads,
-                              "seconds": round(time.monotonic() - started, 2)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "iteration": i,
+                        "name": args.name,
+                        "peer": identity.peer_id.to_base58(),
+                        "manifest": run.hash,
+                        "saw": sorted(seen),
+                        "routing_table": routing,
+                        "join_s": round(joined_s, 2),
+                        "reads": reads,
+                        "seconds": round(time.monotonic() - started, 2),
+                    }
+                ),
+                flush=True,
+            )
             wait_for_file(args.workdir / f"stop-{i}", timeout=args.timeout + 60)
         finally:
             if publisher is not None:

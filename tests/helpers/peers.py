@@ -12,9 +12,9 @@ from tests.helpers.procs import LOOPBACK, Proc, ProcessPool, console, wait_until
 
 def peer_args(name: str, *, run_id: str, cache: Path, initial_peers: list[str] = (), data: str = "default",
               model: str = "micro", local_steps: int = 5, max_steps: int = 60, matchmaking_time: float = 3.0,
-              extra: list[str] = ()) -> list[str]:
+              extra: list[str] = (), host: str = LOOPBACK) -> list[str]:
     args = console("photon-peer") + [
-        "--data", data, "--model", model, "--run-id", run_id, "--host-maddrs", LOOPBACK,
+        "--data", data, "--model", model, "--run-id", run_id, "--host-maddrs", host,
         "--cache-dir", str(cache), "--metrics-file", "metrics.jsonl", "--no-progress",
         "--local-steps", str(local_steps), "--max-steps", str(max_steps), "--matchmaking-time", str(matchmaking_time),
         "--allreduce-timeout", "30", "--eval-every", "0", "--eval-batches", "2", "--batch-size", "8",
@@ -25,14 +25,21 @@ def peer_args(name: str, *, run_id: str, cache: Path, initial_peers: list[str] =
     return args + list(extra)
 
 
-def start_bootstrap(pool: ProcessPool, name: str = "bootstrap") -> str:
-    """A photon-bootstrap node on loopback; returns its multiaddr (what peers pass to --initial-peers)."""
-    proc = pool.start(console("photon-bootstrap") + ["--host-maddrs", LOOPBACK], name)
-    return proc.maddr()
+def start_bootstrap(pool: ProcessPool, name: str = "bootstrap", field=None) -> str:
+    """A photon-bootstrap node on loopback (or on host ``name`` of a field testbed); returns its multiaddr (what
+    peers pass to --initial-peers)."""
+    if field is None:
+        return pool.start(console("photon-bootstrap") + ["--host-maddrs", LOOPBACK], name).maddr()
+    proc = pool.start(field.wrap(name, console("photon-bootstrap") + ["--host-maddrs", field.maddr(name)]), name)
+    ip = field.addr(name).replace(".", r"\.")
+    return proc.wait_for(rf"/ip4/{ip}/tcp/\d+/p2p/[1-9A-HJ-NP-Za-km-z]+", timeout=60).group(0)
 
 
-def start_peer(pool: ProcessPool, name: str, env: dict[str, str] | None = None, **kwargs: Any) -> Proc:
-    return pool.start(peer_args(name, **kwargs), name, env=env)
+def start_peer(pool: ProcessPool, name: str, env: dict[str, str] | None = None, field=None, **kwargs: Any) -> Proc:
+    """A photon-peer on loopback, or in its own namespace of a field testbed (host ``name``: its link and CPU)."""
+    if field is None:
+        return pool.start(peer_args(name, **kwargs), name, env=env)
+    return pool.start(field.wrap(name, peer_args(name, host=field.maddr(name), **kwargs)), name, env=env)
 
 
 def records(proc: Proc) -> list[dict[str, Any]]:

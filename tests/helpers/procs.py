@@ -7,7 +7,6 @@ process groups. ``descendants()`` snapshots a process tree so a test can check n
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -20,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+
+from photon_p2p.runtime import signal_group, stop_group
 
 BIN = Path(sys.executable).parent
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -44,8 +45,9 @@ class Proc:
         full_env = dict(os.environ, TMPDIR=str(self.tmp), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
         full_env.update(env or {})
         with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
-            self.popen = subprocess.Popen(args, stdout=out, stderr=err, env=full_env, cwd=self.dir,
-                                          start_new_session=True)
+            self.popen = subprocess.Popen(
+                args, stdout=out, stderr=err, env=full_env, cwd=self.dir, start_new_session=True
+            )
         self.pid = self.popen.pid
 
     @property
@@ -77,8 +79,10 @@ class Proc:
                 m = regex.search(self.output())
                 if m:
                     return m
-                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before printing {pattern!r}:\n"
-                                     f"{self.output()[-4000:]}")
+                raise AssertionError(
+                    f"{self.name} exited ({self.popen.returncode}) before printing {pattern!r}:\n"
+                    f"{self.output()[-4000:]}"
+                )
             time.sleep(0.2)
         raise AssertionError(f"{self.name}: no {pattern!r} within {timeout}s:\n{self.output()[-4000:]}")
 
@@ -92,13 +96,10 @@ class Proc:
             return []
 
     def signal_group(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
+        signal_group(self.pid, sig)
 
     def kill(self) -> None:
-        self.signal_group(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10)
+        stop_group(self.popen, grace=0.0, sig=signal.SIGKILL, reap=10.0)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

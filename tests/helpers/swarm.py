@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 
+from photon_p2p.runtime import signal_group
 from tests.helpers.procs import BIN, LOOPBACK, MADDR_RE, ProcessPool, console
 
 PASTE_RE = r"photon-peer --initial-peers (/\S+(?: /\S+)*)"  # photon-bootstrap's ready-to-paste line
@@ -28,8 +29,31 @@ PASTE_RE = r"photon-peer --initial-peers (/\S+(?: /\S+)*)"  # photon-bootstrap's
 def write_corpus(directory: Path, n_docs: int = 3, words_per_doc: int = 3000, seed: int = 0) -> Path:
     """A small private text corpus for a test peer (a few KB of pseudo-English)."""
     rng = random.Random(seed)
-    vocab = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "peers", "in", "swarm",
-             "train", "one", "small", "model", "together", "and", "share", "only", "averaged", "gradients"]
+    vocab = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "peers",
+        "in",
+        "swarm",
+        "train",
+        "one",
+        "small",
+        "model",
+        "together",
+        "and",
+        "share",
+        "only",
+        "averaged",
+        "gradients",
+    ]
     directory.mkdir(parents=True, exist_ok=True)
     for i in range(n_docs):
         text = " ".join(rng.choice(vocab) for _ in range(words_per_doc))
@@ -37,12 +61,21 @@ def write_corpus(directory: Path, n_docs: int = 3, words_per_doc: int = 3000, se
     return directory
 
 
-def start_bootstrap(procs: ProcessPool, workdir: Path, name: str = "bootstrap", *extra: str,
-                    identity: Path | None = None, host: str = LOOPBACK):
+def start_bootstrap(
+    procs: ProcessPool,
+    workdir: Path,
+    name: str = "bootstrap",
+    *extra: str,
+    identity: Path | None = None,
+    host: str = LOOPBACK,
+):
     """A photon-bootstrap on 127.0.0.1; returns (proc, first loopback multiaddr from its paste line)."""
     identity = identity or (workdir / f"{name}.key")
-    proc = procs.start(console("photon-bootstrap") + ["--host-maddrs", host, "--identity-path", str(identity),
-                                                      "--status-period", "5", *extra], name=name)
+    proc = procs.start(
+        console("photon-bootstrap")
+        + ["--host-maddrs", host, "--identity-path", str(identity), "--status-period", "5", *extra],
+        name=name,
+    )
     line = proc.wait_for(PASTE_RE, timeout=60).group(0)
     maddr = MADDR_RE.search(line)
     assert maddr, f"no 127.0.0.1 multiaddr in the paste line: {line}"
@@ -52,9 +85,27 @@ def start_bootstrap(procs: ProcessPool, workdir: Path, name: str = "bootstrap", 
 def peer_args(initial_peer: str, data: Path, cache: Path, *extra: str, run_id: str = "t") -> list[str]:
     """photon-peer as a volunteer runs it, with settings small enough for a CPU test."""
     return console("photon-peer") + [
-        "--initial-peers", initial_peer, "--run-id", run_id, "--data", str(data), "--model", "micro",
-        "--max-steps", "10000", "--local-steps", "5", "--host-maddrs", LOOPBACK, "--cache-dir", str(cache),
-        "--no-progress", "--join-timeout", "20", *extra]
+        "--initial-peers",
+        initial_peer,
+        "--run-id",
+        run_id,
+        "--data",
+        str(data),
+        "--model",
+        "micro",
+        "--max-steps",
+        "10000",
+        "--local-steps",
+        "5",
+        "--host-maddrs",
+        LOOPBACK,
+        "--cache-dir",
+        str(cache),
+        "--no-progress",
+        "--join-timeout",
+        "20",
+        *extra,
+    ]
 
 
 def _launch(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -62,8 +113,9 @@ def _launch(args: list[str], cwd: Path) -> subprocess.Popen:
     # a private TMPDIR (hivemind leaves socket files behind), short because Unix socket paths max out at 108 bytes
     tmp = tempfile.mkdtemp(prefix="ph-cli-", dir="/tmp")
     env = dict(os.environ, TMPDIR=tmp, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    popen = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    popen = subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     popen.tmpdir = tmp  # type: ignore[attr-defined]
     return popen
 
@@ -83,14 +135,13 @@ def _finish(popen: subprocess.Popen, timeout: float) -> subprocess.CompletedProc
     try:
         out, err = popen.communicate(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
-        os.killpg(popen.pid, signal.SIGKILL)
+        signal_group(popen.pid, signal.SIGKILL)
         out, err = popen.communicate()
         err += f"\n[test helper: killed after {timeout:.0f}s]"
     result = subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
     _, alive = psutil.wait_procs(session_leftovers(popen.pid), timeout=5)
     result.leftovers = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # type: ignore
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(popen.pid, signal.SIGKILL)  # never leave anything behind for the next test
+    signal_group(popen.pid, signal.SIGKILL)  # never leave anything behind for the next test
     shutil.rmtree(popen.tmpdir, ignore_errors=True)  # type: ignore[attr-defined]
     return result
 
@@ -100,8 +151,11 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 90) -> subprocess.Compl
     return _finish(_launch(args, cwd), timeout)
 
 
-def run_cli_batch(cases: dict[str, list[str]], workdir: Path, timeout: float = 120,
-                  ) -> dict[str, subprocess.CompletedProcess]:
+def run_cli_batch(
+    cases: dict[str, list[str]],
+    workdir: Path,
+    timeout: float = 120,
+) -> dict[str, subprocess.CompletedProcess]:
     """Run several short-lived commands side by side, each in ``workdir/<case name>``. Their start-up cost is mostly
     importing torch and hivemind, so on two cores this takes about half the time of running them one by one."""
     running = {name: _launch(args, workdir / name) for name, args in cases.items()}
@@ -110,8 +164,11 @@ def run_cli_batch(cases: dict[str, list[str]], workdir: Path, timeout: float = 1
 
 
 def status_json(initial_peer: str, run_id: str, cwd: Path, *extra: str) -> dict[str, Any]:
-    result = run_cli(console("photon-status") + ["--initial-peers", initial_peer, "--run-id", run_id, "--json",
-                                                 "--join-timeout", "20", *extra], cwd)
+    result = run_cli(
+        console("photon-status")
+        + ["--initial-peers", initial_peer, "--run-id", run_id, "--json", "--join-timeout", "20", *extra],
+        cwd,
+    )
     assert result.returncode == 0, f"photon-status failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return json.loads(result.stdout)
 
@@ -144,8 +201,12 @@ def micro_manifest(run_id: str, *, local_steps: int = 5, preset: str = "micro"):
     from photon_p2p.model import build_model_args, pad_vocab
     from photon_p2p.swarm.manifest import build_manifest
 
-    cfg = RunConfig(model=ModelConfig(preset=preset), train=TrainConfig(max_steps=10000),
-                    round=RoundConfig(local_steps=local_steps), swarm=SwarmConfig(run_id=run_id))
+    cfg = RunConfig(
+        model=ModelConfig(preset=preset),
+        train=TrainConfig(max_steps=10000),
+        round=RoundConfig(local_steps=local_steps),
+        swarm=SwarmConfig(run_id=run_id),
+    )
     tokenizer = load_tokenizer("byte")
     return build_manifest(cfg, tokenizer, build_model_args(preset, vocab_size=pad_vocab(tokenizer.vocab_size)))
 
@@ -155,8 +216,11 @@ def signed_run(manifest, identity, created_at: float | None = None):
     from photon_p2p.swarm.manifest import RunManifest
     from photon_p2p.swarm.records import ManifestRecord, sign_record
 
-    record = ManifestRecord(manifest=manifest, creator=identity.peer_id.to_base58(),
-                            created_at=time.time() if created_at is None else created_at)
+    record = ManifestRecord(
+        manifest=manifest,
+        creator=identity.peer_id.to_base58(),
+        created_at=time.time() if created_at is None else created_at,
+    )
     return RunManifest(record=record, raw=sign_record(record, identity))
 
 
@@ -165,8 +229,9 @@ def dht_client(initial_peer: str):
     """A DHT client node in this test process (cheap to poll, unlike launching photon-status each time)."""
     from photon_p2p.swarm.dht import DHTCalls, start_dht, stop_dht
 
-    dht = start_dht(initial_peers=[initial_peer], host_maddrs=[LOOPBACK], identity=None, client_mode=True,
-                    join_timeout=30)
+    dht = start_dht(
+        initial_peers=[initial_peer], host_maddrs=[LOOPBACK], identity=None, client_mode=True, join_timeout=30
+    )
     try:
         yield DHTCalls(dht)
     finally:

@@ -1,0 +1,154 @@
+"""What this peer knows about the others in its run: live heartbeats, read in the background, and which claims to
+believe.
+
+The round engine asks many small questions while it trains and averages ("how many tokens has my round trained
+together?", "is anyone still training my round?", "has the swarm moved on, and can anyone serve that state?").
+Asking the DHT each time would put its latency inside the training loop, so a daemon thread polls the run's
+heartbeats every ``POLL_S`` and the engine reads the cached snapshot.
+
+Claims are not facts. A heartbeat is validly signed by its peer, but the round it reports may be wrong (a bug, a
+hostile peer) or unservable (a ``--client-mode`` peer ahead of us accepts no connections, so it can never send us
+its state). A round claim counts for re-syncing only when it comes from a peer that can serve state, and a peer
+whose claimed round no donor could serve after ``DISTRUST_AFTER`` tries is ignored (for rounds at or above that
+claim), with one log line: otherwise one bad record makes every peer re-sync forever and the run never ends
+(docs/design.md, "Claims that nobody can serve").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from photon_p2p.swarm.dht import DHTCalls
+from photon_p2p.swarm.heartbeat import HEARTBEAT_PERIOD, read_heartbeats
+from photon_p2p.swarm.records import Heartbeat, RejectCounter
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 1.0
+DISTRUST_AFTER = 2  # failed downloads of a claimed round before the claim is ignored
+ACTIVE_STAGES = ("ready", "training", "averaging")
+STALE_AFTER_S = 4 * HEARTBEAT_PERIOD  # a peer that takes part in rounds (not syncing or starting)
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """One live peer as last seen, with the local time its heartbeat was read."""
+
+    hb: Heartbeat
+    seen: float  # time.monotonic() when read
+
+    def tokens_now(self, now: float) -> int:
+        """Tokens this peer has trained in its current round, extrapolated from its last heartbeat at its speed
+        (heartbeats come every few seconds; without this every peer would close its round late)."""
+        if self.hb.stage != "training":
+            return self.hb.round_tokens
+        age = min(max(0.0, now - self.seen), 2 * HEARTBEAT_PERIOD + POLL_S)
+        return self.hb.round_tokens + int(self.hb.tokens_per_s * age)
+
+
+class SwarmView:
+    """Background reader of the run's heartbeats (this peer excluded, other manifests ignored)."""
+
+    def __init__(self, calls: DHTCalls, run_id: str, manifest_hash: str, peer_id: str, rejects: RejectCounter):
+        self.calls, self.run_id, self.manifest_hash, self.peer_id = calls, run_id, manifest_hash, peer_id
+        self.rejects = rejects
+        self._peers: dict[str, PeerView] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._fresh = threading.Event()
+        self._distrust: dict[str, int] = {}  # peer ID -> claims of this round or later are ignored
+        self._failed_claims: dict[tuple[str, int], int] = {}
+        self._thread = threading.Thread(target=self._loop, name="photon-swarm-view", daemon=True)
+
+    def start(self) -> SwarmView:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def refresh(self) -> None:
+        """Read the heartbeats now (the first read, and tests)."""
+        try:
+            beats = read_heartbeats(self.calls, self.run_id, self.rejects)
+        except Exception as e:  # a slow DHT must never stop training: keep the last snapshot
+            logger.debug("could not read heartbeats: %r", e)
+            return
+        now = time.monotonic()
+        with self._lock:
+            previous = self._peers
+            peers = {}
+            for pid, hb in beats.items():
+                if pid == self.peer_id or hb.manifest_hash != self.manifest_hash:
+                    continue
+                old = previous.get(pid)
+                # the DHT returns the same record until the peer republishes: keep when we first saw it
+                seen = old.seen if old is not None and old.hb == hb else now
+                peers[pid] = PeerView(hb, seen)
+            self._peers = peers
+        self._fresh.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(POLL_S)
+
+    def wait_fresh(self, timeout: float = 10.0) -> None:
+        """Block until a read newer than this call has completed (after a state change that others report)."""
+        self._fresh.clear()
+        self._fresh.wait(timeout)
+
+    # ------------------------------------------------------------------------------------------------------
+    # questions the round engine asks
+
+    def peers(self) -> dict[str, PeerView]:
+        with self._lock:
+            return dict(self._peers)
+
+    def believed_round(self, view: PeerView) -> bool:
+        limit = self._distrust.get(view.hb.peer_id)
+        return limit is None or view.hb.round < limit
+
+    def at_round(self, round_: int, stages: tuple[str, ...] = ACTIVE_STAGES) -> dict[str, PeerView]:
+        """Peers at ``round_`` in one of ``stages`` whose heartbeat is still being renewed. A live peer republishes
+        every HEARTBEAT_PERIOD; a record that has not changed for STALE_AFTER_S is a peer that died or froze (its
+        record would linger in the DHT until it expires; we stop waiting for it sooner, by our own clock)."""
+        now = time.monotonic()
+        return {pid: v for pid, v in self.peers().items()
+                if v.hb.round == round_ and v.hb.stage in stages and now - v.seen < STALE_AFTER_S}
+
+    def newest_servable_round(self) -> int:
+        """The newest round that a peer able to send its state claims (believed claims only); -1 if none."""
+        return max((v.hb.round for v in self.peers().values()
+                    if not v.hb.client_mode and v.hb.stage in ACTIVE_STAGES and self.believed_round(v)), default=-1)
+
+    def tokens_in_round(self, round_: int) -> tuple[int, int]:
+        """(tokens the others have trained in ``round_`` by now, how many of them train it)."""
+        now = time.monotonic()
+        members = self.at_round(round_, ("training", "averaging"))
+        return sum(v.tokens_now(now) for v in members.values()), len(members)
+
+    def reachable_peers(self) -> int:
+        """Live peers that accept incoming connections (a group needs at least one, as its meeting point)."""
+        return sum(1 for v in self.peers().values() if not v.hb.client_mode)
+
+    def claim_failed(self, round_: int) -> list[str]:
+        """No donor could serve ``round_``: count it against every peer that claims it (or later); after
+        DISTRUST_AFTER failures those claims are ignored. Returns the peers newly distrusted."""
+        newly = []
+        for pid, v in self.peers().items():
+            if v.hb.round < round_ or not self.believed_round(v):
+                continue
+            key = (pid, round_)
+            self._failed_claims[key] = self._failed_claims.get(key, 0) + 1
+            if self._failed_claims[key] >= DISTRUST_AFTER:
+                self._distrust[pid] = round_
+                newly.append(pid)
+                logger.warning("ignoring %s's claim to be at round %d: no peer could send that state after %d tries",
+                               pid[:16], v.hb.round, DISTRUST_AFTER)
+        return newly
