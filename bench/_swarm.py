@@ -15,6 +15,11 @@ Around every operation the parent also reads, with no help from the peers: CPU s
 ``bytes_received`` of every socket on one of their listening ports: what really crossed loopback, noise/yamux/protobuf
 framing and DHT chatter included). Each result is checked: every peer returns the values at a few fixed positions,
 which must equal the mean of the inputs there (within the compression's error) and be identical across peers.
+
+With ``SwarmSpec.hosts`` (``photon_p2p.testbed`` hosts, one per peer) each forked peer first moves into its host's
+network namespace (and CPU cgroup) and uses the host's 10.x address instead of 127.0.0.1: hivemind maddrs, the
+gloo TCP store (on rank 0's host) and gloo's interface (``GLOO_SOCKET_IFNAME``); TCP bytes are then read with
+``ss`` inside every host's namespace.
 """
 
 from __future__ import annotations
@@ -98,6 +103,10 @@ class SwarmSpec:
     allreduce_timeout: float = 900.0
     chunk_timeout: float = 120.0
     match_timeout: float = 60.0
+    hosts: list[Any] | None = None  # photon_p2p.testbed.Host per rank (rate-limited namespaces); None = loopback
+
+    def address(self, rank: int) -> str:
+        return self.hosts[rank].address if self.hosts else "127.0.0.1"
 
 
 @dataclasses.dataclass
@@ -134,7 +143,8 @@ class _Peer:
 
         quiet_hivemind("warning")
         self.rank, self.spec, self.torch = rank, spec, torch
-        self.dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
+        self.dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{spec.address(rank)}/tcp/0"],
+                                initial_peers=initial_peers)
         bench_cls, stock_cls = _averager_classes()
         # hivemind imports bitsandbytes lazily, in the averager process, on the first 8-bit step (seconds): import
         # and run it here, before the averager forks, so it inherits it warm (as photon-peer does). Not in the
@@ -165,7 +175,7 @@ class _Peer:
 
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{self.gloo_port}", rank=self.rank,
+        dist.init_process_group("gloo", init_method=f"tcp://{self.spec.address(0)}:{self.gloo_port}", rank=self.rank,
                                 world_size=self.spec.n, timeout=datetime.timedelta(seconds=self.spec.allreduce_timeout))
         self.buffer = self.source.clone()
 
@@ -258,6 +268,9 @@ def _gate(gate: Any) -> None:
 
 def _peer_main(rank: int, spec: SwarmSpec, conn: Any, gate: Any, unmatched: Any, initial_peers: list[str],
                gloo_port: int | None) -> None:
+    if spec.hosts:  # first thing: everything this peer starts (DHT, p2pd, averager, gloo) lives on its host
+        spec.hosts[rank].enter()
+        os.environ["GLOO_SOCKET_IFNAME"] = spec.hosts[rank].ifname
     os.setpgrp()  # the parent kills the whole group (DHT, averager, p2pd) if anything goes wrong
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
@@ -307,9 +320,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tcp_received_by_socket(ports: set[int]) -> dict[tuple[str, str], int]:
-    """bytes_received of every established TCP socket with one end on one of ``ports`` (both ends are ours)."""
-    out = subprocess.run(["ss", "-tinH", "state", "established"], capture_output=True, text=True, check=True).stdout
+def _tcp_received_by_socket(ports: set[int], netns: Sequence[str] = ()) -> dict[tuple[str, str], int]:
+    """bytes_received of every established TCP socket with one end on one of ``ports`` (both ends are ours), in
+    this network namespace or in each of ``netns``."""
+    ss = ["ss", "-tinH", "state", "established"]
+    out = "".join(subprocess.run(["ip", "netns", "exec", ns, *ss] if ns else ss, capture_output=True, text=True,
+                                 check=True).stdout for ns in (netns or [""]))
     counts, key = {}, None
     for line in out.splitlines():
         if not line.startswith(("\t", " ")):
@@ -339,6 +355,7 @@ class Swarm:
         self.unmatched = ctx.Value("i", 0)  # peers whose step finished (failed) before the trigger
         self.procs, self.conns, self.infos = [], [], []
         self.ports: set[int] = set()
+        self.netns = [h.netns for h in spec.hosts] if spec.hosts else []
         self.cpu_procs: dict[str, list[psutil.Process]] = {}
         gloo_port = _free_port() if spec.gloo else None
         try:
@@ -400,10 +417,10 @@ class Swarm:
         available = [psutil.virtual_memory().available]
         try:
             self._parent_gate()  # all inputs loaded
-            wire0 = _tcp_received_by_socket(self.ports)
+            wire0 = _tcp_received_by_socket(self.ports, self.netns)
             self._parent_gate()
             self._parent_gate()  # all matched (gloo: nothing to match)
-            wire1, cpu1 = _tcp_received_by_socket(self.ports), self._cpu()
+            wire1, cpu1 = _tcp_received_by_socket(self.ports, self.netns), self._cpu()
             available.append(psutil.virtual_memory().available)
             self._parent_gate()
         except threading.BrokenBarrierError:  # some peer failed before the all-reduce and aborted the gate
@@ -418,7 +435,7 @@ class Swarm:
                 if not self.procs[rank].is_alive():
                     raise RuntimeError(f"peer {rank} died")
             replies.append(conn.recv())
-        wire2, cpu2 = _tcp_received_by_socket(self.ports), self._cpu()
+        wire2, cpu2 = _tcp_received_by_socket(self.ports, self.netns), self._cpu()
         result = OpResult(method=method, ok=True, min_available_gib=min(available) / 2**30,
                           cpu_s={k: round(cpu2[k] - cpu1[k], 3) for k in cpu2})
         failures = [str(payload) for kind, payload in replies if kind != "ok"]

@@ -14,6 +14,12 @@ against the true mean at 2048 positions (and must be identical on every peer).
     .venv/bin/python bench/allreduce.py                      # 10M and 100M values x 2 and 4 peers, 5 reps
     .venv/bin/python bench/allreduce.py --quick              # 1M values, 2 peers, 2 reps: a smoke run (~1 min)
     .venv/bin/python bench/allreduce.py --sizes 10M --peers 2 --compressions none --reps 9 --stock
+    .venv/bin/python bench/allreduce.py --sizes 10M --rate 20,100,1000 --reps 3   # field links (root; see below)
+
+``--rate MBIT`` (comma list or repeated) runs every configuration once per rate with each peer on its own emulated
+machine (photon_p2p/testbed.py: a network namespace per peer on one bridge, ``tbf`` at that rate both ways on every
+link, 10.x addresses; gloo uses the same links). It needs root; results then go to ``allreduce_field.json``, with
+``_<rate>mbit`` appended to every configuration label.
 
 How to read the output: one line per repetition, then a table of median seconds per method and the ratio
 hivemind/gloo for each compression (targets from issue 4: <= 1.5x uncompressed, <= 1.0x with 8-bit). ``cpu s`` is the
@@ -28,6 +34,7 @@ configuration: repetitions are reduced, never below 3, with a notice).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import statistics
 import sys
@@ -39,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _swarm import COMPRESSIONS, Swarm, SwarmSpec, load_average, machine_info, parse_size, save_json, size_label
 
 RESULTS = Path(__file__).resolve().parent / "results" / "allreduce.json"
+FIELD_RESULTS = RESULTS.with_name("allreduce_field.json")
 TARGETS = {"none": 1.5, "blockwise8bit": 1.0}
 
 
@@ -62,7 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=900.0,
                    help="per configuration, fewer reps (at least 3) if the warm-up says they would take longer "
                         "(default: 900)")
-    p.add_argument("--output", default=str(RESULTS), help=f"where to save the JSON (default: {RESULTS})")
+    p.add_argument("--rate", action="append", default=[], metavar="MBIT",
+                   help="emulated link rate in Mbit/s (both directions, every peer on its own host), comma-separated "
+                        "or repeated; every configuration runs once per rate (default: loopback)")
+    p.add_argument("--output", default=None,
+                   help=f"where to save the JSON (default: {RESULTS}; with --rate {FIELD_RESULTS})")
     args = p.parse_args(argv)
     given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
     if args.quick:
@@ -72,6 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sizes = [parse_size(s) for s in args.sizes.split(",")]
     args.peers = [int(n) for n in args.peers.split(",")]
     args.compressions = [c.strip() for c in args.compressions.split(",")]
+    try:
+        args.rate = [float(r) for item in args.rate for r in item.split(",") if r.strip()]
+    except ValueError:
+        p.error("--rate: Mbit/s numbers, e.g. --rate 20,100,1000")
+    if any(r <= 0 for r in args.rate):
+        p.error("--rate must be positive")
+    args.output = args.output or str(FIELD_RESULTS if args.rate else RESULTS)
     bad = [c for c in args.compressions if c not in COMPRESSIONS]
     if bad:
         p.error(f"--compressions: unknown {', '.join(bad)}; choose from {', '.join(COMPRESSIONS)}")
@@ -80,18 +99,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_config(size: int, n: int, args: argparse.Namespace) -> dict:
+def rate_label(rate: float | None) -> str:
+    return "" if rate is None else f"_{rate:g}mbit"
+
+
+def run_config(size: int, n: int, args: argparse.Namespace, rate: float | None = None) -> dict:
     methods = ["gloo"] + args.compressions + (["stock"] if args.stock else [])
     settings = {"part_size_bytes": args.part_size_kib * 1024}
     if args.prefetch is not None:
         settings["prefetch"] = args.prefetch
-    label = f"{size_label(size)}_{n}peers"
-    print(f"\n== {size_label(size)} fp32 values ({size * 4 / 2**20:,.0f} MiB) x {n} peers: starting peers", flush=True)
+    label = f"{size_label(size)}_{n}peers{rate_label(rate)}"
+    where = "loopback" if rate is None else f"{rate:g} Mbit/s links"
+    print(f"\n== {size_label(size)} fp32 values ({size * 4 / 2**20:,.0f} MiB) x {n} peers, {where}: starting peers",
+          flush=True)
     t_start = time.perf_counter()
-    spec = SwarmSpec(n=n, shapes=[(size,)], gloo=True, stock=args.stock, part_size_bytes=settings["part_size_bytes"])
     runs: dict[str, list] = {m: [] for m in methods}
     failures: dict[str, list[str]] = {m: [] for m in methods}
-    with Swarm(spec) as swarm:
+    with contextlib.ExitStack() as stack:
+        hosts = None
+        if rate is not None:
+            from photon_p2p.testbed import FieldTestbed, HostSpec
+
+            testbed = stack.enter_context(FieldTestbed([HostSpec(f"peer{r}", rate_mbit=rate) for r in range(n)]))
+            hosts = list(testbed.hosts.values())
+        spec = SwarmSpec(n=n, shapes=[(size,)], gloo=True, stock=args.stock,
+                         part_size_bytes=settings["part_size_bytes"], hosts=hosts)
+        swarm = stack.enter_context(Swarm(spec))
         print(f"   peers up in {time.perf_counter() - t_start:.1f} s; warm-up", flush=True)
 
         def attempt(method: str, tries: int = 3):
@@ -122,7 +155,7 @@ def run_config(size: int, n: int, args: argparse.Namespace) -> dict:
                 line.append(f"{method} {r.time:.3f}")
             print(f"   rep {rep + 1}/{reps}: " + " | ".join(line) + " s", flush=True)
     gloo_median = statistics.median(r.time for r in runs["gloo"])
-    out = {"values": size, "peers": n, "reps": reps, "reps_requested": args.reps,
+    out = {"values": size, "peers": n, "rate_mbit": rate, "reps": reps, "reps_requested": args.reps,
            "seconds_total": round(time.perf_counter() - t_start, 1), "methods": {}}
     for method, rs in runs.items():
         median = statistics.median(r.time for r in rs)
@@ -142,10 +175,10 @@ def run_config(size: int, n: int, args: argparse.Namespace) -> dict:
 
 
 def print_table(configs: dict, methods: list[str]) -> None:
-    head = f"{'config':<14} {'gloo s':>8} " + " ".join(f"{m + ' s':>15} {'x gloo':>7}" for m in methods)
+    head = f"{'config':<22} {'gloo s':>8} " + " ".join(f"{m + ' s':>15} {'x gloo':>7}" for m in methods)
     print("\n" + head + "\n" + "-" * len(head))
     for label, c in configs.items():
-        row = f"{label:<14} {c['methods']['gloo']['median_s']:>8.3f} "
+        row = f"{label:<22} {c['methods']['gloo']['median_s']:>8.3f} "
         for m in methods:
             e = c["methods"][m]
             row += f"{e['median_s']:>15.3f} {e['ratio_vs_gloo']:>6.1f}x "
@@ -155,7 +188,7 @@ def print_table(configs: dict, methods: list[str]) -> None:
     for label, c in configs.items():
         for m, e in c["methods"].items():
             cpu = ", ".join(f"{k} {v:.2f}" for k, v in e["cpu_s_median"].items() if v >= 0.005)
-            print(f"  {label:<14} {m:<14} {cpu}")
+            print(f"  {label:<22} {m:<14} {cpu}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,12 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the peers are stopped on the way out
     t0 = time.perf_counter()
     load_start = load_average()
+    rates = args.rate or [None]
     print(f"allreduce benchmark: sizes {', '.join(map(size_label, args.sizes))}, peers {args.peers}, "
-          f"compressions {args.compressions}, {args.reps} reps; load average {load_start}", flush=True)
+          f"compressions {args.compressions}, {args.reps} reps, "
+          f"{'rates ' + str(args.rate) + ' Mbit/s' if args.rate else 'loopback'}; load average {load_start}",
+          flush=True)
+    if args.rate:
+        from photon_p2p.testbed import available
+
+        ok, reason = available()
+        if not ok:
+            print(f"error: --rate needs the field testbed: {reason}", file=sys.stderr)
+            return 2
     configs = {}
-    for n in args.peers:
-        for size in args.sizes:
-            configs[f"{size_label(size)}_{n}peers"] = run_config(size, n, args)
+    for rate in rates:
+        for n in args.peers:
+            for size in args.sizes:
+                configs[f"{size_label(size)}_{n}peers{rate_label(rate)}"] = run_config(size, n, args, rate)
     methods = args.compressions + (["stock"] if args.stock else [])
     print_table(configs, methods)
     result: dict = {}
@@ -181,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"ratio_max_" + k: v for k, v in TARGETS.items()},
         "configs": configs,
         "settings": {"sizes": args.sizes, "peers": args.peers, "compressions": args.compressions, "reps": args.reps,
+                     "rate_mbit": args.rate or None,
+                     "links": "loopback" if not args.rate else "photon_p2p.testbed: netns per peer, bridge, tbf rate R "
+                                                              "burst 256kb latency 200ms on both veth ends",
                      "part_size_bytes": args.part_size_kib * 1024, "prefetch": args.prefetch, "stock": args.stock,
                      "timed": "allow_allreduce() -> result (matchmaking done before); gloo all_reduce SUM; slowest "
                               "peer per repetition; median over repetitions"},

@@ -41,6 +41,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_
 
 from photon_p2p.swarm import faults
 from photon_p2p.swarm.records import RoundGather
+from photon_p2p.swarm.transfer import StateTransferMixin
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def averager_settings(*, matchmaking_time: float, allreduce_timeout: float, targ
                 reducer_timeout=2 * chunk_timeout, client_mode=client_mode)
 
 
-class PhotonAverager(DecentralizedAverager):
+class PhotonAverager(StateTransferMixin, DecentralizedAverager):
     """Averages ``delta`` tensors each round; holds ``state`` tensors (theta + outer state) for reconciliation and
     for joining peers to download.
 
@@ -354,14 +355,6 @@ class PhotonAverager(DecentralizedAverager):
         with self.get_tensors() as tensors:
             meta = self._get_state_meta()
             return meta, [t.detach().clone() for t in tensors[self.num_delta:]], None
-
-    last_download_error: str | None = None
-
-    def download_state(self, *, expected_bytes: int, min_priority: float | None, stall_timeout: float,
-                       show_progress: bool):
-        """TEMPORARY: hivemind's whole-download path, with a limit sized to the state at 10 Mbit/s."""
-        timeout = max(stall_timeout, expected_bytes / 1.25e6)
-        return self.load_state_from_peers(timeout=timeout)
 
     # ---- per-round matchmaking settings, applied inside the averager process
     def set_round(self, round_: int, target_group_size: int | None) -> None:

@@ -107,7 +107,10 @@ class RoundEngine:
         self.theta_hash = theta_hash(self.theta)
         if not self.averager.client_mode:
             self.averager.state_sharing_priority = float(round_)  # freshest donors are asked first
-        self.heartbeat.update(round=round_, step=step, theta_hash=self.theta_hash, round_tokens=0, publish_now=True)
+        # stage "ready": between rounds. A heartbeat still saying "averaging" at the new round would tell the others
+        # that the new round is already closing
+        self.heartbeat.update(round=round_, step=step, theta_hash=self.theta_hash, round_tokens=0, stage="ready",
+                              publish_now=True)
 
     # ------------------------------------------------------------------------------------------------------
     # catching up
@@ -171,10 +174,19 @@ class RoundEngine:
     def _budget_met(self, own_tokens: int, budget_steps: int) -> bool:
         """The round closes when the first peer sees the collective budget met; the others follow at their next
         step boundary (so estimates that differ between peers cannot keep one of them training alone)."""
-        if self.view.at_round(self.round, ("averaging",)):
+        closing = self.view.at_round(self.round, ("averaging",))
+        if closing:
+            logger.debug("round %d closes: %s is averaging it", self.round, next(iter(closing))[:16])
             return True
-        others, n = self.view.tokens_in_round(self.round)
-        return own_tokens + others >= budget_steps * self.tokens_per_step * (1 + n)
+        others, _ = self.view.tokens_in_round(self.round)
+        # the participants include peers still finishing the previous round's all-reduce: their heartbeat lags the
+        # round boundary, and without them a short round would close on this peer's share alone
+        n = self._expected_mates()
+        met = own_tokens + others >= budget_steps * self.tokens_per_step * (1 + n)
+        if met:
+            logger.debug("round %d closes: budget met (own %d + others %d tokens, %d others)", self.round,
+                         own_tokens, others, n)
+        return met
 
     def train_local(self) -> tuple[int, int, float | None, float]:
         """Inner steps of this round. Returns (steps, tokens, mean loss, seconds)."""
@@ -218,9 +230,9 @@ class RoundEngine:
     # one round: average
 
     def _expected_mates(self) -> int:
-        """Peers we keep waiting for: those training or averaging our round, and those still finishing the
-        previous one's all-reduce (heartbeats lag a round boundary by a second or two)."""
-        return len(self.view.at_round(self.round, ("training", "averaging"))) + \
+        """Peers we keep waiting for: those about to train ("ready"), training or averaging our round, and those
+        still finishing the previous one's all-reduce (heartbeats lag a round boundary by a second or two)."""
+        return len(self.view.at_round(self.round, ACTIVE_STAGES)) + \
             len(self.view.at_round(self.round - 1, ("averaging",)))
 
     def _group_target(self) -> int:
@@ -229,7 +241,8 @@ class RoundEngine:
         its last member arrives, whereas a target too small starts without it (the target only costs up to
         --matchmaking-time when such a peer really is a round behind)."""
         stages = ("training", "averaging")
-        return 1 + len(self.view.at_round(self.round, stages)) + len(self.view.at_round(self.round - 1, stages))
+        return 1 + len(self.view.at_round(self.round, ACTIVE_STAGES)) + \
+            len(self.view.at_round(self.round - 1, stages))
 
     def _attempt(self, gather: dict[str, Any], weight: float) -> dict[str, Any] | str:
         """One matchmaking + all-reduce attempt. Returns the outcome, or why it did not happen: 'nogroup', 'late',

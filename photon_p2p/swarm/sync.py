@@ -18,8 +18,9 @@ from photon_p2p.swarm.state import validate_downloaded_state
 
 logger = logging.getLogger(__name__)
 
-DOWNLOAD_ATTEMPTS = 3  # whole downloads (each resumes where the last stopped) before giving up on this claim
+DOWNLOAD_ATTEMPTS = 2  # downloads whose result failed validation before giving up (the transfer retries itself)
 STALL_TIMEOUT_S = 60.0  # a donor that sends nothing for this long is given up on (no limit while bytes flow)
+TRANSFER_ATTEMPTS = 4  # attempts in a row without new bytes before the transfer gives up (swarm/transfer.py)
 
 
 @dataclass
@@ -38,6 +39,7 @@ def download_state(averager, expected: list[torch.Tensor], *, num_theta: int, ru
                    attempts: int = DOWNLOAD_ATTEMPTS) -> Downloaded | None:
     """Download the newest state at ``min_round`` or later into ``expected`` (in place, all or nothing).
 
+    The transfer (swarm/transfer.py) resumes where a donor stopped and has no overall deadline while bytes flow.
     Returns None, after one log line saying why, when no donor could send a valid state."""
     nbytes = state_nbytes(expected)
     why = "no donor answered"
@@ -45,12 +47,14 @@ def download_state(averager, expected: list[torch.Tensor], *, num_theta: int, ru
     for attempt in range(1, attempts + 1):
         try:
             result = averager.download_state(expected_bytes=nbytes, min_priority=float(min_round),
-                                             stall_timeout=STALL_TIMEOUT_S, show_progress=show_progress)
+                                             stall_timeout=STALL_TIMEOUT_S, max_attempts=TRANSFER_ATTEMPTS,
+                                             show_progress=show_progress)
         except Exception as e:  # the averager process gone, a pipe error: this peer cannot download now
             logger.debug("state download failed: %r", e)
             result, why = None, f"the download failed ({type(e).__name__})"
         if result is None:
-            why = getattr(averager, "last_download_error", None) or why
+            why = averager.last_download_error or why
+            break  # the transfer already retried every donor it could find
         else:
             metadata, tensors = result
             try:
@@ -68,5 +72,5 @@ def download_state(averager, expected: list[torch.Tensor], *, num_theta: int, ru
                 return Downloaded(meta=meta, seconds=time.perf_counter() - t0, nbytes=nbytes)
         if attempt < attempts:
             time.sleep(min(2.0 * attempt, 5.0))
-    logger.warning("state download gave up after %d attempts in %.0fs: %s", attempts, time.perf_counter() - t0, why)
+    logger.warning("state download gave up after %.0fs: %s", time.perf_counter() - t0, why)
     return None

@@ -27,7 +27,7 @@ from photon_p2p.swarm.records import Heartbeat, RejectCounter
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 1.0
+POLL_S = 0.5  # a DHT read of one small key: cheap, and it bounds how late a peer notices a round closing
 DISTRUST_AFTER = 2  # failed downloads of a claimed round before the claim is ignored
 ACTIVE_STAGES = ("ready", "training", "averaging")
 STALE_AFTER_S = 4 * HEARTBEAT_PERIOD  # a peer that takes part in rounds (not syncing or starting)
@@ -40,12 +40,14 @@ class PeerView:
     hb: Heartbeat
     seen: float  # time.monotonic() when read
 
-    def tokens_now(self, now: float) -> int:
+    def tokens_now(self, wall_now: float) -> int:
         """Tokens this peer has trained in its current round, extrapolated from its last heartbeat at its speed
-        (heartbeats come every few seconds; without this every peer would close its round late)."""
+        (heartbeats come every few seconds; without this every peer would close its round late). The age is taken
+        from the record's own timestamp, clamped to a heartbeat period or two, so a skewed clock cannot make it
+        absurd; when we first read the record would lag the publication by up to a poll."""
         if self.hb.stage != "training":
             return self.hb.round_tokens
-        age = min(max(0.0, now - self.seen), 2 * HEARTBEAT_PERIOD + POLL_S)
+        age = min(max(0.0, wall_now - self.hb.time), 2 * HEARTBEAT_PERIOD + POLL_S)
         return self.hb.round_tokens + int(self.hb.tokens_per_s * age)
 
 
@@ -129,9 +131,9 @@ class SwarmView:
 
     def tokens_in_round(self, round_: int) -> tuple[int, int]:
         """(tokens the others have trained in ``round_`` by now, how many of them train it)."""
-        now = time.monotonic()
-        members = self.at_round(round_, ("training", "averaging"))
-        return sum(v.tokens_now(now) for v in members.values()), len(members)
+        wall_now = time.time()
+        members = self.at_round(round_)  # a peer about to start the round ("ready") will train its share too
+        return sum(v.tokens_now(wall_now) for v in members.values()), len(members)
 
     def reachable_peers(self) -> int:
         """Live peers that accept incoming connections (a group needs at least one, as its meeting point)."""

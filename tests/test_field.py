@@ -1,0 +1,100 @@
+"""Rounds in the field: real photon-peer processes, each in its own network namespace on a rate-limited link, some
+on a fraction of a CPU core (photon_p2p/testbed.py).
+
+Proves, each time first checking that the condition was really created (the slow peers really are several times
+slower, the links really are limited):
+- uneven machines (1, 1/2 and 1/8 of a core): rounds close on the collective token budget, so every peer's tokens
+  reach theta in (nearly) every round, all end on one theta, and the fastest peer idles under 10% of its time;
+- one fast and two slow peers: the fast one never trains a round alone while the others train the same round, and
+  the run ends on one theta;
+- four peers on 100 Mbit/s links: every round is averaged in a group of four.
+Skips with the reason where network namespaces or cgroup CPU quotas cannot be made (not root, no ``ip``/``tc``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from photon_p2p.testbed import FieldTestbed, HostSpec, available
+from tests.helpers.peers import finish, rounds, start_bootstrap, start_peer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def field():
+    """Make a testbed for this test (torn down after it, processes included)."""
+    beds: list[FieldTestbed] = []
+
+    def make(*hosts: HostSpec) -> FieldTestbed:
+        ok, why = available(cpu=any(h.cpu is not None for h in hosts))
+        if not ok:
+            pytest.skip(f"field testbed unavailable here: {why}")
+        tb = FieldTestbed(list(hosts))
+        beds.append(tb)
+        return tb
+
+    yield make
+    for tb in beds:
+        tb.close()
+
+
+def _speed(recs: dict[int, dict]) -> float:
+    """Tokens per second of training (not waiting) over a peer's rounds."""
+    return sum(r["own_tokens"] for r in recs.values()) / sum(r["train_s"] for r in recs.values())
+
+
+def _swarm(procs, tb, tmp_path, names, *, local_steps: int, rounds_: int, extra=()):
+    entry = start_bootstrap(procs, "boot", field=tb)
+    flags = ["--wait-for-peers", str(len(names)), *extra]
+    common = dict(run_id="field", cache=tmp_path / "cache", initial_peers=[entry], local_steps=local_steps,
+                  max_steps=local_steps * rounds_, extra=flags, field=tb)
+    peers = [start_peer(procs, name, **common) for name in names]
+    for p in peers:
+        finish(p, 600)
+    return {p.name: rounds(p) for p in peers}
+
+
+def test_uneven_peers_lose_no_work_and_the_fast_one_does_not_wait(procs, field, tmp_path):
+    tb = field(HostSpec("boot"), HostSpec("fast", 100, cpu=1.0), HostSpec("half", 100, cpu=0.5),
+               HostSpec("slow", 100, cpu=0.125))
+    recs = _swarm(procs, tb, tmp_path, ["fast", "half", "slow"], local_steps=400, rounds_=5)
+    speeds = {name: _speed(r) for name, r in recs.items()}
+    assert speeds["fast"] > 3 * speeds["slow"], f"the slow peer is not slow enough to mean anything: {speeds}"
+    for name, by_round in recs.items():
+        assert sorted(by_round) == list(range(5)), f"{name}: {sorted(by_round)}"
+        reached = [r for r, rec in by_round.items()
+                   if rec["outcome"] == "averaged" and rec["tokens_in_theta"] >= rec["own_tokens"] > 0]
+        outcomes = [(r, x["outcome"]) for r, x in by_round.items()]
+        assert len(reached) >= 0.9 * len(by_round), f"{name}: tokens reached theta in {reached} only: {outcomes}"
+        assert all(rec["wasted_tokens"] == 0 for rec in by_round.values())
+    hashes = {by_round[4]["theta_hash"] for by_round in recs.values()}
+    assert len(hashes) == 1, f"the run ended on several thetas: {hashes}"
+    fast = recs["fast"].values()
+    wall = sum(r["train_s"] + r["matchmaking_s"] + r["allreduce_s"] for r in fast)
+    idle = sum(r["matchmaking_s"] for r in fast)
+    assert idle < 0.10 * wall, f"the fast peer idled {idle:.1f}s of {wall:.1f}s"
+
+
+def test_one_fast_two_slow_no_solo_rounds_one_theta(procs, field, tmp_path):
+    tb = field(HostSpec("boot"), HostSpec("fast", 100, cpu=1.0), HostSpec("slow1", 100, cpu=0.125),
+               HostSpec("slow2", 100, cpu=0.125))
+    recs = _swarm(procs, tb, tmp_path, ["fast", "slow1", "slow2"], local_steps=40, rounds_=6)
+    speeds = {name: _speed(r) for name, r in recs.items()}
+    assert speeds["fast"] > 3 * max(speeds["slow1"], speeds["slow2"]), speeds
+    for name, by_round in recs.items():
+        outcomes = [(r, x["outcome"], x["group_size"]) for r, x in sorted(by_round.items())]
+        assert all(x["outcome"] == "averaged" and x["group_size"] == 3 for x in by_round.values()), \
+            f"{name}: {outcomes}"
+    assert len({by_round[5]["theta_hash"] for by_round in recs.values()}) == 1
+
+
+def test_four_peers_on_100_mbit_links_average_every_round_together(procs, field, tmp_path):
+    names = ["p1", "p2", "p3", "p4"]
+    tb = field(HostSpec("boot", 100), *(HostSpec(n, 100) for n in names))
+    assert 60 < tb.measure_tcp_mbit("p1", "p2", seconds=1.0) < 110, "the links are not shaped as asked"
+    recs = _swarm(procs, tb, tmp_path, names, local_steps=10, rounds_=5, extra=["--compression", "blockwise8bit"])
+    for name, by_round in recs.items():
+        assert [(x["outcome"], x["group_size"]) for _, x in sorted(by_round.items())] == [("averaged", 4)] * 5, \
+            f"{name}: {by_round}"
+    assert len({by_round[4]["theta_hash"] for by_round in recs.values()}) == 1
