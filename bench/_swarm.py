@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import psutil
 
+from photon_p2p.runtime import signal_group
+
 COMPRESSIONS = ("none", "fp16", "blockwise8bit")
 BITS = {"none": 32, "fp16": 16, "blockwise8bit": 8}
 # max |result - true mean| at the sampled positions for unit-variance inputs (8-bit: ~0.7% of a block's absmax,
@@ -139,7 +141,7 @@ class _Peer:
         import hivemind
         import torch
 
-        from photon_p2p.cli.common import quiet_hivemind
+        from photon_p2p.runtime import quiet_hivemind
 
         quiet_hivemind("warning")
         self.rank, self.spec, self.torch = rank, spec, torch
@@ -152,11 +154,12 @@ class _Peer:
         from photon_p2p.peer import make_compression
 
         make_compression("blockwise8bit")
-        common = dict(start=True, min_matchmaking_time=5.0, request_timeout=3.0, target_group_size=spec.n,
-                      min_group_size=spec.n, allreduce_timeout=spec.allreduce_timeout,
-                      part_size_bytes=spec.part_size_bytes, next_chunk_timeout=spec.chunk_timeout,
-                      sender_timeout=spec.chunk_timeout, reducer_timeout=2 * spec.chunk_timeout,
-                      allow_state_sharing=False)
+        from photon_p2p.swarm.averager import averager_settings
+
+        common = dict(start=True, part_size_bytes=spec.part_size_bytes, allow_state_sharing=False,
+                      **averager_settings(matchmaking_time=5.0, allreduce_timeout=spec.allreduce_timeout,
+                                          target_group_size=spec.n, min_group_size=spec.n,
+                                          chunk_timeout=spec.chunk_timeout))
         self.averager = bench_cls([torch.zeros(s) for s in spec.shapes], [], self.dht, prefix="bench",
                                   compression=compression_by_name("none"), get_state_meta=dict, **common)
         self.stock = stock_cls([torch.zeros(s) for s in spec.shapes], self.dht, prefix="benchstock", **common) \
@@ -471,9 +474,7 @@ class Swarm:
             proc.join(max(0.1, deadline - time.time()))
         for proc in self.procs:
             for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)  # what the peer left behind (p2pd, torch_shm_manager)
-                except (ProcessLookupError, PermissionError):
+                if not signal_group(proc.pid, sig):  # what the peer left behind (p2pd, torch_shm_manager)
                     break
                 time.sleep(0.5)
             proc.join(1)

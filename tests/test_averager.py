@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from photon_p2p.peer import make_compression
-from photon_p2p.swarm.averager import PHASE_STATE, PhotonAllReduceRunner, PhotonAverager
+from photon_p2p.swarm.averager import PHASE_STATE, PhotonAllReduceRunner, PhotonAverager, averager_settings
 from photon_p2p.swarm.records import RoundGather
 
 N_VALUES = 200_000  # several parts per peer at the default 512 KiB part size
@@ -36,9 +36,9 @@ def _run(deltas, thetas, weights, compression="none", hashes=None, timeout=40.0,
     comp = make_compression(compression)
     classes = classes or [PhotonAverager] * n
     avgs = [classes[i]([d.clone() for d in deltas[i]], [t.clone() for t in thetas[i]], dhts[i], prefix="t",
-                           compression=comp, get_state_meta=dict, start=True, min_matchmaking_time=3.0,
-                           request_timeout=1.0, target_group_size=n, next_chunk_timeout=4.0,
-                           allreduce_timeout=timeout) for i in range(n)]
+                           compression=comp, get_state_meta=dict, start=True,
+                           **averager_settings(matchmaking_time=3.0, allreduce_timeout=timeout, target_group_size=n,
+                                               chunk_timeout=4.0)) for i in range(n)]
     results: list = [None] * n
 
     def step(i: int) -> None:

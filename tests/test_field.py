@@ -7,16 +7,22 @@ slower, the links really are limited):
   reach theta in (nearly) every round, all end on one theta, and the fastest peer idles under 10% of its time;
 - one fast and two slow peers: the fast one never trains a round alone while the others train the same round, and
   the run ends on one theta;
-- four peers on 100 Mbit/s links: every round is averaged in a group of four.
+- four peers on 100 Mbit/s links: every round is averaged in a group of four;
+- a volunteer joining a Nesterov run over a 50 Mbit/s link downloads ~310 MB of state once, in a time set by the
+  link, and averages in its first round.
 Skips with the reason where network namespaces or cgroup CPU quotas cannot be made (not root, no ``ip``/``tc``).
 """
 
 from __future__ import annotations
 
+import re
+import signal
+
 import pytest
 
 from photon_p2p.testbed import FieldTestbed, HostSpec, available
-from tests.helpers.peers import finish, rounds, start_bootstrap, start_peer
+from tests.helpers.peers import finish, rounds, start_bootstrap, start_peer, wait_for_round
+from tests.helpers.procs import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +53,15 @@ def _speed(recs: dict[int, dict]) -> float:
 def _swarm(procs, tb, tmp_path, names, *, local_steps: int, rounds_: int, extra=()):
     entry = start_bootstrap(procs, "boot", field=tb)
     flags = ["--wait-for-peers", str(len(names)), *extra]
-    common = dict(run_id="field", cache=tmp_path / "cache", initial_peers=[entry], local_steps=local_steps,
-                  max_steps=local_steps * rounds_, extra=flags, field=tb)
+    common = dict(
+        run_id="field",
+        cache=tmp_path / "cache",
+        initial_peers=[entry],
+        local_steps=local_steps,
+        max_steps=local_steps * rounds_,
+        extra=flags,
+        field=tb,
+    )
     peers = [start_peer(procs, name, **common) for name in names]
     for p in peers:
         finish(p, 600)
@@ -56,15 +69,22 @@ def _swarm(procs, tb, tmp_path, names, *, local_steps: int, rounds_: int, extra=
 
 
 def test_uneven_peers_lose_no_work_and_the_fast_one_does_not_wait(procs, field, tmp_path):
-    tb = field(HostSpec("boot"), HostSpec("fast", 100, cpu=1.0), HostSpec("half", 100, cpu=0.5),
-               HostSpec("slow", 100, cpu=0.125))
+    tb = field(
+        HostSpec("boot"),
+        HostSpec("fast", 100, cpu=1.0),
+        HostSpec("half", 100, cpu=0.5),
+        HostSpec("slow", 100, cpu=0.125),
+    )
     recs = _swarm(procs, tb, tmp_path, ["fast", "half", "slow"], local_steps=400, rounds_=5)
     speeds = {name: _speed(r) for name, r in recs.items()}
     assert speeds["fast"] > 3 * speeds["slow"], f"the slow peer is not slow enough to mean anything: {speeds}"
     for name, by_round in recs.items():
         assert sorted(by_round) == list(range(5)), f"{name}: {sorted(by_round)}"
-        reached = [r for r, rec in by_round.items()
-                   if rec["outcome"] == "averaged" and rec["tokens_in_theta"] >= rec["own_tokens"] > 0]
+        reached = [
+            r
+            for r, rec in by_round.items()
+            if rec["outcome"] == "averaged" and rec["tokens_in_theta"] >= rec["own_tokens"] > 0
+        ]
         outcomes = [(r, x["outcome"]) for r, x in by_round.items()]
         assert len(reached) >= 0.9 * len(by_round), f"{name}: tokens reached theta in {reached} only: {outcomes}"
         assert all(rec["wasted_tokens"] == 0 for rec in by_round.values())
@@ -77,15 +97,20 @@ def test_uneven_peers_lose_no_work_and_the_fast_one_does_not_wait(procs, field, 
 
 
 def test_one_fast_two_slow_no_solo_rounds_one_theta(procs, field, tmp_path):
-    tb = field(HostSpec("boot"), HostSpec("fast", 100, cpu=1.0), HostSpec("slow1", 100, cpu=0.125),
-               HostSpec("slow2", 100, cpu=0.125))
+    tb = field(
+        HostSpec("boot"),
+        HostSpec("fast", 100, cpu=1.0),
+        HostSpec("slow1", 100, cpu=0.125),
+        HostSpec("slow2", 100, cpu=0.125),
+    )
     recs = _swarm(procs, tb, tmp_path, ["fast", "slow1", "slow2"], local_steps=40, rounds_=6)
     speeds = {name: _speed(r) for name, r in recs.items()}
     assert speeds["fast"] > 3 * max(speeds["slow1"], speeds["slow2"]), speeds
     for name, by_round in recs.items():
         outcomes = [(r, x["outcome"], x["group_size"]) for r, x in sorted(by_round.items())]
-        assert all(x["outcome"] == "averaged" and x["group_size"] == 3 for x in by_round.values()), \
+        assert all(x["outcome"] == "averaged" and x["group_size"] == 3 for x in by_round.values()), (
             f"{name}: {outcomes}"
+        )
     assert len({by_round[5]["theta_hash"] for by_round in recs.values()}) == 1
 
 
@@ -93,8 +118,72 @@ def test_four_peers_on_100_mbit_links_average_every_round_together(procs, field,
     names = ["p1", "p2", "p3", "p4"]
     tb = field(HostSpec("boot", 100), *(HostSpec(n, 100) for n in names))
     assert 60 < tb.measure_tcp_mbit("p1", "p2", seconds=1.0) < 110, "the links are not shaped as asked"
-    recs = _swarm(procs, tb, tmp_path, names, local_steps=10, rounds_=5, extra=["--compression", "blockwise8bit"])
+    recs = _swarm(procs, tb, tmp_path, names, local_steps=40, rounds_=5, extra=["--compression", "blockwise8bit"])
     for name, by_round in recs.items():
-        assert [(x["outcome"], x["group_size"]) for _, x in sorted(by_round.items())] == [("averaged", 4)] * 5, \
+        assert [(x["outcome"], x["group_size"]) for _, x in sorted(by_round.items())] == [("averaged", 4)] * 5, (
             f"{name}: {by_round}"
-    assert len({by_round[4]["theta_hash"] for by_round in recs.values()}) == 1
+        )
+        assert all(x["bytes_sent"] > 0 and x["bytes_received"] > 0 and x["allreduce_s"] > 0 for x in by_round.values())
+    # every round, every member of the group left with the same theta; the final evaluation is of that theta
+    for r in range(5):
+        assert len({by_round[r]["theta_hash"] for by_round in recs.values()}) == 1, f"round {r}"
+    assert len({by_round[4]["val_loss"] for by_round in recs.values()}) == 1
+
+
+def test_volunteer_joins_a_nesterov_run_over_50_mbit_and_averages_in_its_first_round(procs, field, tmp_path):
+    """~310 MB of state (theta + Nesterov momentum of a 39M-parameter model: the tiny preset with a large vocabulary;
+    micro batch 1 and short sequences keep the CPU cost low) over a 50 Mbit/s link: one download, paced by the link
+    and not cut by a wall-clock limit, then the volunteer's first round is averaged with the running peer."""
+    tb = field(HostSpec("boot"), HostSpec("host", 1000), HostSpec("volunteer", 50))
+    assert 35 < tb.measure_tcp_mbit("volunteer", "host", seconds=1.0) < 55, "the volunteer's link is not 50 Mbit/s"
+    entry = start_bootstrap(procs, "boot", field=tb)
+    flags = [
+        "--vocab-size",
+        "296000",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "1",
+        "--outer-optimizer",
+        "nesterov",
+        "--compression",
+        "blockwise8bit",
+        "--allreduce-timeout",
+        "300",
+        "--matchmaking-time",
+        "10",
+    ]
+    common = dict(
+        run_id="join",
+        cache=tmp_path / "cache",
+        initial_peers=[entry],
+        model="tiny",
+        local_steps=160,
+        max_steps=1_000_000,
+        extra=flags,
+        field=tb,
+    )
+    host = start_peer(procs, "host", **common)
+    wait_for_round(host, 0, timeout=300)
+    volunteer = start_peer(procs, "volunteer", **common)
+
+    def first_round() -> dict | None:
+        assert volunteer.alive(), volunteer.output()[-4000:]
+        recs = rounds(volunteer)
+        return recs[min(recs)] if recs else None
+
+    first = wait_until(first_round, timeout=600, what="the volunteer's first round")
+    for p in (host, volunteer):
+        p.popen.send_signal(signal.SIGTERM)
+    for p in (host, volunteer):
+        finish(p, 120)
+    out = volunteer.output()
+    m = re.search(r"downloaded theta for round (\d+) \(step \d+\): (\d+) MB in ([0-9.]+)s", out)
+    assert m, out[-4000:]
+    megabytes, seconds = int(m.group(2)), float(m.group(3))
+    assert megabytes >= 300, f"only {megabytes} MB of state: not the size this test is about"
+    assert out.count("downloaded theta") == 1, "the volunteer needed more than one download"
+    ideal = megabytes * 8 / 50
+    assert seconds < 1.5 * ideal + 15, f"{megabytes} MB took {seconds:.0f}s on a 50 Mbit/s link (ideal {ideal:.0f}s)"
+    assert first["round"] == int(m.group(1)) and first["outcome"] == "averaged" and first["group_size"] == 2, first
+    assert first["theta_hash"] == rounds(host)[first["round"]]["theta_hash"]

@@ -182,12 +182,15 @@ class PhotonAllReduceRunner(AllReduceRunner):
 
 
 def averager_settings(*, matchmaking_time: float, allreduce_timeout: float, target_group_size: int | None = None,
-                      min_group_size: int = 2, client_mode: bool = False) -> dict[str, Any]:
+                      min_group_size: int = 2, client_mode: bool = False,
+                      chunk_timeout: float | None = None) -> dict[str, Any]:
     """The one place where our round settings become hivemind averager arguments (peer, benchmarks, tests).
 
-    Chunk timeouts follow the all-reduce timeout: a part of 512 KiB that takes longer than a quarter of it (at
-    least 2 s, at most 30 s) comes from a peer that has stalled, and the others ban it and finish without it."""
-    chunk_timeout = max(2.0, min(30.0, allreduce_timeout / 4))
+    Chunk timeouts follow the all-reduce timeout unless given: a part of 512 KiB that takes longer than a quarter
+    of it (at least 2 s, at most 30 s) comes from a peer that has stalled, and the others ban it and finish without
+    it."""
+    if chunk_timeout is None:
+        chunk_timeout = max(2.0, min(30.0, allreduce_timeout / 4))
     return dict(min_matchmaking_time=matchmaking_time, request_timeout=min(3.0, matchmaking_time / 3),
                 target_group_size=target_group_size, min_group_size=max(2, min_group_size),
                 allreduce_timeout=allreduce_timeout, next_chunk_timeout=chunk_timeout, sender_timeout=chunk_timeout,

@@ -29,8 +29,10 @@ def heartbeat_key(run_id: str) -> str:
     return f"photon.{run_id}.peers"
 
 
-def read_heartbeats(calls: DHTCalls, run_id: str, rejects: RejectCounter) -> dict[str, Heartbeat]:
-    """Live peers of a run by peer ID. Malformed, forged or mislabelled records are dropped and counted."""
+def read_heartbeats(calls: DHTCalls, run_id: str, rejects: RejectCounter, *,
+                    include_left: bool = False) -> dict[str, Heartbeat]:
+    """Live peers of a run by peer ID (and, with ``include_left``, the goodbyes of those that left). Malformed,
+    forged or mislabelled records are dropped and counted."""
     found = calls.get(heartbeat_key(run_id), latest=True)
     entries = found.value if found is not None and isinstance(found.value, dict) else {}
     out: dict[str, Heartbeat] = {}
@@ -45,7 +47,7 @@ def read_heartbeats(calls: DHTCalls, run_id: str, rejects: RejectCounter) -> dic
         except RecordRejected as e:
             rejects.add("heartbeat", e.reason)
             continue
-        if hb.stage != "left":
+        if include_left or hb.stage != "left":
             out[subkey] = hb
     return out
 

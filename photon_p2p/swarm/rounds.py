@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 MATCHMAKING_SLACK_S = 3.0  # on top of --matchmaking-time for one matchmaking attempt
 PATIENCE_ROUNDS = 3  # while peers of our round are live, keep looking for up to this many --matchmaking-time
+ALONE_GRACE_S = 2.0  # others take part in rounds but none seen at ours: look again this long before going alone
 POLL_S = 0.1  # how often a waiting peer checks its averaging step (also the resolution of the idle figures)
 SYNC_AGAIN = 1  # after a download the swarm may have moved on: download once more before training
 
@@ -203,9 +204,9 @@ class RoundEngine:
         try:
             while not self.stop_requested():
                 if deadline is not None:
-                    if steps >= self.cfg.train.max_steps - self.global_step or \
-                            (steps > 0 and time.monotonic() >= deadline):
-                        break
+                    if steps >= self.cfg.train.max_steps - self.global_step or (steps > 0 and (
+                            time.monotonic() >= deadline or self.view.at_round(self.round, ("averaging",)))):
+                        break  # on time, or the round is closing (a joiner must not train on while others wait)
                 elif steps > 0 and self._budget_met(tokens, budget):
                     break
                 result = s.train_step()
@@ -304,8 +305,12 @@ class RoundEngine:
             if not mates:
                 if self.view.newest_servable_round() > self.round:
                     return "late"
-                if rc.min_group_size <= 1:
+                active = any(v.hb.stage in ACTIVE_STAGES for v in self.view.peers().values())
+                if rc.min_group_size <= 1 and (waited >= ALONE_GRACE_S or not active):
                     return "alone"  # nobody else trains this round: partial participation
+                if rc.min_group_size <= 1:
+                    time.sleep(0.2)  # others are live but not seen at our round yet: heartbeats lag a little
+                    continue
             elif waited >= patience and rc.min_group_size <= 1:
                 logger.warning("round %d: %d peer(s) report this round but no group formed in %.0fs; going on "
                                "alone (they merge with us when we next meet)", self.round, mates, waited)

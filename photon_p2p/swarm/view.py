@@ -77,7 +77,7 @@ class SwarmView:
     def refresh(self) -> None:
         """Read the heartbeats now (the first read, and tests)."""
         try:
-            beats = read_heartbeats(self.calls, self.run_id, self.rejects)
+            beats = read_heartbeats(self.calls, self.run_id, self.rejects, include_left=True)
         except Exception as e:  # a slow DHT must never stop training: keep the last snapshot
             logger.debug("could not read heartbeats: %r", e)
             return
@@ -86,12 +86,17 @@ class SwarmView:
             previous = self._peers
             peers = {}
             for pid, hb in beats.items():
-                if pid == self.peer_id or hb.manifest_hash != self.manifest_hash:
+                if pid == self.peer_id or hb.manifest_hash != self.manifest_hash or hb.stage == "left":
                     continue
                 old = previous.get(pid)
                 # the DHT returns the same record until the peer republishes: keep when we first saw it
                 seen = old.seen if old is not None and old.hb == hb else now
                 peers[pid] = PeerView(hb, seen)
+            # one read can miss a record (a DHT node that has not got it yet): keep a peer we saw recently unless it
+            # said goodbye, rather than believe for a moment that it vanished
+            for pid, old in previous.items():
+                if pid not in peers and pid not in beats and now - old.seen < STALE_AFTER_S:
+                    peers[pid] = old
             self._peers = peers
         self._fresh.set()
 
