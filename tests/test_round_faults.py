@@ -24,14 +24,14 @@ from tests.helpers.procs import all_gone, wait_until
 
 pytestmark = pytest.mark.slow
 
-TIMED = ["--round-seconds", "0.5", "--min-group-size", "2"]
 
 
 def test_nan_update_is_never_shared_and_the_peer_comes_back(procs, tmp_path):
     cache = tmp_path / "cache"
     entry = start_bootstrap(procs)
-    a = start_peer(procs, "a", run_id="nan", cache=cache, initial_peers=[entry], max_steps=300, extra=TIMED)
-    bad = start_peer(procs, "bad", run_id="nan", cache=cache, initial_peers=[entry], max_steps=300, extra=TIMED,
+    together = ["--wait-for-peers", "2"]
+    a = start_peer(procs, "a", run_id="nan", cache=cache, initial_peers=[entry], max_steps=60, extra=together)
+    bad = start_peer(procs, "bad", run_id="nan", cache=cache, initial_peers=[entry], max_steps=60, extra=together,
                      env={"PHOTON_FAULTS": "nan_update@4"})
     for p in (a, bad):
         finish(p, 300)
@@ -150,11 +150,20 @@ def test_min_group_size_gives_up_after_quorum_timeout_with_one_line(procs, tmp_p
 def test_an_all_client_mode_swarm_says_so_and_trains_on(procs, tmp_path):
     """Before: peers that all run --client-mode (nobody accepts connections) never averaged and never said why."""
     entry = start_bootstrap(procs)
-    # long enough that each sees the other at work (a run that ends first leaves without being seen)
-    common = dict(run_id="hidden", cache=tmp_path / "cache", initial_peers=[entry], max_steps=400, local_steps=10,
+    # they run until each has said it; then the test stops them (SIGTERM: a clean exit between rounds)
+    common = dict(run_id="hidden", cache=tmp_path / "cache", initial_peers=[entry], max_steps=1_000_000,
                   extra=["--client-mode", "--wait-for-peers", "2"])
     peers = [start_peer(procs, name, **common) for name in ("x", "y")]
+    line = "every live peer of run 'hidden' is in --client-mode"
+
+    def both_said_it() -> bool:
+        for p in peers:
+            assert p.alive(), p.output()[-3000:]
+        return all(line in p.output() and rounds(p) for p in peers)
+
+    wait_until(both_said_it, timeout=180, what="both client-mode peers saying that no group can form")
     for p in peers:
-        finish(p, 240)
-        assert "every live peer of run 'hidden' is in --client-mode" in p.output(), p.output()[-3000:]
+        p.popen.send_signal(signal.SIGTERM)
+    for p in peers:
+        finish(p, 60)
         assert all(rec["outcome"] == "alone" for rec in rounds(p).values())
