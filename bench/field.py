@@ -47,9 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="default", help="training text for the peers (default: Python's own sources)")
     p.add_argument("--rate", type=float, default=100.0, help="link rate of the uneven scenario's peers, Mbit/s")
     p.add_argument("--join-rate", type=float, default=50.0, help="the joining volunteer's link, Mbit/s (default 50)")
-    p.add_argument("--vocab-size", type=int, default=150_016,
+    p.add_argument("--vocab-size", type=int, default=296_000,
                    help="join scenario: embedding rows of the tiny model, which set the state's size (default: "
-                        "150016, about 39M parameters: 2 x 155 MB of theta + Nesterov momentum)")
+                        "296000, 38.7M parameters: 310 MB of theta + Nesterov momentum)")
     p.add_argument("--output", type=Path, default=RESULTS, help=f"where to save the figures (default: {RESULTS})")
     return p.parse_args(argv)
 
@@ -86,6 +86,13 @@ class Fleet:
         return self.start(host, [str(BIN / "photon-peer"), "--initial-peers", entry, "--host-maddrs",
                                  self.tb.maddr(host), "--metrics-file", "metrics.jsonl", "--no-progress",
                                  "--threads", "1", *flags])
+
+    def wait_for(self, host: str, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in (self.workdir / host / "out.log").read_text(errors="replace"):
+            if time.monotonic() > deadline or self.procs[host].poll() is not None:
+                raise RuntimeError(f"{host}: no {text!r}: {(self.workdir / host / 'out.log').read_text()[-2000:]}")
+            time.sleep(0.3)
 
     def wait(self, hosts: list[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -135,13 +142,18 @@ def run_uneven(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     out = {}
     for label, cpus in (("even", (0.5, 0.5, 0.5)), ("uneven", (1.0, 0.5, 0.125))):
         names = [f"p{i}" for i in range(3)]
-        hosts = [HostSpec("boot")] + [HostSpec(n, args.rate, cpu=c) for n, c in zip(names, cpus, strict=True)]
+        # every peer starts at a full core and gets its quota once its model is built: importing torch and
+        # hivemind at 1/8 of a core takes most of a minute and is not what this measures
+        hosts = [HostSpec("boot")] + [HostSpec(n, args.rate, cpu=1.0) for n in names]
         with FieldTestbed(hosts) as tb:
             fleet = Fleet(tb, workdir / label)
             try:
                 entry = fleet.bootstrap()
                 for n in names:
                     fleet.peer(n, entry, flags)
+                for n, cores in zip(names, cpus, strict=True):
+                    fleet.wait_for(n, "model micro", timeout=300)
+                    tb.set_cpu(n, cores)
                 fleet.wait(names, timeout=1800)
                 out[label] = dict(cpus=cpus, **_swarm_figures(fleet, names))
             finally:
@@ -160,10 +172,10 @@ def run_join(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from photon_p2p.testbed import FieldTestbed, HostSpec
 
     flags = ["--data", args.data, "--model", "tiny", "--vocab-size", str(args.vocab_size), "--seq-len", "32",
-             "--batch-size", "1", "--local-steps", "10", "--round-seconds", "20" if args.quick else "40",
+             "--batch-size", "1", "--local-steps", "160",
              "--max-steps", "1000000", "--outer-optimizer", "nesterov", "--compression", "blockwise8bit",
              "--eval-every", "0", "--run-id", "join", "--cache-dir", str(workdir / "cache"),
-             "--allreduce-timeout", "300", "--matchmaking-time", "15"]
+             "--allreduce-timeout", "300", "--matchmaking-time", "10"]
     hosts = [HostSpec("boot"), HostSpec("host", 1000.0), HostSpec("volunteer", args.join_rate)]
     with FieldTestbed(hosts) as tb:
         fleet = Fleet(tb, workdir / "join")

@@ -11,6 +11,7 @@ links in tests/test_field.py (they replaced the loopback versions of those tests
 from __future__ import annotations
 
 import math
+import re
 import signal
 
 import pytest
@@ -23,24 +24,26 @@ pytestmark = pytest.mark.slow
 
 def test_sigkill_during_allreduce_the_others_finish_the_round(procs, tmp_path):
     """Rounds close on the collective budget, so each round advances the global step by exactly --local-steps:
-    --max-steps 75 is rounds 0-14 whatever the machine's speed (the old timed rounds made the count vary)."""
+    --max-steps 300 is rounds 0-14 whatever the machine's speed (the old timed rounds made the count vary). Rounds
+    of 20 steps (about a second) are long enough for heartbeats to show who trains which round."""
     cache = tmp_path / "cache"
     entry = start_bootstrap(procs)
     extra = ["--min-group-size", "2", "--compression", "none", "--wait-for-peers", "3"]
-    common = dict(run_id="kill", cache=cache, initial_peers=[entry], max_steps=75, extra=extra)
+    common = dict(run_id="kill", cache=cache, initial_peers=[entry], local_steps=20, max_steps=300, extra=extra)
     a = start_peer(procs, "a", **common)
     b = start_peer(procs, "b", **common)
     victim = start_peer(procs, "victim", **common, env={"PHOTON_FAULTS": "kill_in_allreduce@8"})
     assert victim.wait(180) == -9, "the fault was not injected (the victim should die by SIGKILL)"
     assert "injecting kill_in_allreduce in round 8" in victim.output()
+    victim_id = re.search(r"initial-peers /ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+)", victim.output()).group(1)
     for p in (a, b):
         finish(p, 300)
     ra, rb = rounds(a), rounds(b)
-    assert ra[8]["group_size"] == 3 or rb[8]["group_size"] == 3, "the victim was not in a group when it died"
+    assert any(victim_id in r[8]["group_peers"] for r in (ra, rb)), "the victim was not in a group when it died"
     for recs in (ra, rb):
         assert 8 in recs and recs[8]["allreduce_s"] < 30 + 10, "round 8 hung past the all-reduce timeout"
         assert sorted(recs) == list(range(15)), f"training did not go on after the failure: {sorted(recs)}"
-        assert recs[14]["step"] == 75
+        assert recs[14]["step"] == 300
         assert all(rec["loss"] is None or math.isfinite(rec["loss"]) for rec in recs.values())
     # after the failure the two survivors are back to one theta (merged if the dead reducer left them different)
     assert ra[14]["theta_hash"] == rb[14]["theta_hash"]
@@ -67,6 +70,7 @@ def test_late_peer_carries_its_update_into_the_next_round(procs, tmp_path):
         run_id="late",
         cache=cache,
         initial_peers=[entry],
+        local_steps=20,
         max_steps=1_000_000,
         extra=["--min-group-size", "2", "--wait-for-peers", "3"],
     )
@@ -86,7 +90,7 @@ def test_late_peer_carries_its_update_into_the_next_round(procs, tmp_path):
     assert "injecting stall_before_average in round 6" in late.output()
     late_r, a_r = rounds(late), rounds(a)
     assert late_r[6]["outcome"] == "late", late_r[6]
-    assert late_r[6]["carried_tokens"] == late_r[6]["own_tokens"] > 0 and late_r[6]["staleness"] >= 1
+    assert late_r[6]["carried_tokens"] >= late_r[6]["own_tokens"] > 0 and late_r[6]["staleness"] >= 1
     # the others did round 6 without it
     assert a_r[6]["group_size"] == 2 and a_r[6]["outcome"] == "averaged"
     # its next round starts from a theta the others really held (it downloaded theirs, not the reverse) ...
