@@ -137,14 +137,13 @@ def test_members_with_different_theta_merge_it():
 
 
 class _ReducerDiesInStatePhase(PhotonAllReduceRunner):
-    """A reducer that fails after its first part of the theta merge (the delta phase runs normally)."""
+    """A reducer that fails in the theta merge before replying to anyone (the delta phase runs normally). Failing on
+    the first part makes the fault certain whatever the load balancer gives it (one part or several)."""
 
     async def _accumulate_parts_streaming(self, stream, sender_index):
-        parts = 0
         async for message in super()._accumulate_parts_streaming(stream, sender_index):
-            if self.group_id.endswith(PHASE_STATE) and parts >= 1:
+            if self.group_id.endswith(PHASE_STATE):
                 raise ConnectionError("reducer died")
-            parts += 1
             yield message
 
 
