@@ -24,6 +24,7 @@ import ctypes
 import dataclasses
 import functools
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -47,6 +48,9 @@ _STALE_RE = re.compile(rf"^{PREFIX}-(\d+)-\d+")
 _counter = itertools.count(1)
 _live: set[FieldTestbed] = set()
 _lock = threading.Lock()
+
+
+logger = logging.getLogger(__name__)
 
 
 class TestbedError(RuntimeError):
@@ -419,7 +423,7 @@ class FieldTestbed:
         try:
             self.close()
         except TestbedError as e:  # never hide the exception that is already on its way
-            print(f"photon_p2p.testbed: {e}", file=sys.stderr)
+            logger.warning("testbed teardown: %s", e)
 
     def __repr__(self) -> str:
         return f"FieldTestbed({self.id}, {list(self.hosts.values())})"
@@ -431,7 +435,7 @@ def _close_all() -> None:
         try:
             testbed.close()
         except TestbedError as e:
-            print(f"photon_p2p.testbed: {e}", file=sys.stderr)
+            logger.warning("testbed teardown: %s", e)
 
 
 _TCP_SERVER = """
