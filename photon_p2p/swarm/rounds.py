@@ -253,8 +253,10 @@ class RoundEngine:
         target = expected + 1 if expected else None
         if rc.target_group_size is not None:
             target = min(target or rc.target_group_size, rc.target_group_size)
-        if target is not None:
-            target = max(target, rc.min_group_size)  # hivemind starts a group at its target, whatever the minimum
+        if target is not None or rc.min_group_size > 1:
+            # hivemind starts a group at its target, whatever the minimum; with a quorum and nobody seen yet, the
+            # quorum itself is the target, so the group starts the moment it is complete, not at --matchmaking-time
+            target = max(target or 0, rc.min_group_size)
         try:
             # every attempt sets the round again: hivemind rewrites the group bits once a group is assembled, so
             # after a failed all-reduce a retry would look for its group under another key
