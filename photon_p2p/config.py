@@ -59,10 +59,12 @@ class Shared:
 
 
 def opt(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, metavar: str | None = None,
-        default_factory: Any = dataclasses.MISSING, cli: bool = True, shared: bool | Shared = False) -> Any:
+        default_factory: Any = dataclasses.MISSING, cli: bool = True, shared: bool | Shared = False,
+        none_as: str | None = None) -> Any:
     """A config field with its documentation; ``flag`` overrides the derived ``--field-name``; ``shared`` makes it
-    a run setting (see the module docstring)."""
-    metadata = dict(help=help, flag=flag, metavar=metavar, cli=cli,
+    a run setting (see the module docstring); ``none_as`` is the word (e.g. 'auto') that stands for None in flags
+    and TOML, for an optional number whose default is chosen at run time."""
+    metadata = dict(help=help, flag=flag, metavar=metavar, cli=cli, none_as=none_as,
                     shared=Shared() if shared is True else shared or None)
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
@@ -183,9 +185,10 @@ class TrainConfig(Section):
     max_steps: int = opt(300, metavar="N", help="total optimizer steps (global inner steps in a swarm)",
                          shared=Shared(ge=1))
     batch_size: int = opt(16, metavar="N", help="sequences per optimizer step", shared=Shared(ge=1))
-    micro_batch_size: int | None = opt(None, metavar="N",
-                                       help="sequences per forward/backward pass; gradients are accumulated up to "
-                                            "--batch-size (default: --batch-size). Lower it if you run out of memory")
+    micro_batch_size: int | None = opt(None, metavar="N|auto", none_as="auto",
+                                       help="sequences per forward/backward pass, a divisor of --batch-size; "
+                                            "gradients are accumulated up to --batch-size. auto: the largest that "
+                                            "fits in memory (the whole batch when it fits)")
     lr: float = opt(1e-3, metavar="LR", help="peak learning rate of the inner AdamW", shared=True)
     warmup_steps: int | None = opt(None, metavar="N", help="linear warm-up steps (default: 10%% of --max-steps)",
                                    shared=Shared(ge=0, resolved="warmup"))
@@ -195,9 +198,18 @@ class TrainConfig(Section):
                               shared=True)
     grad_clip: float = opt(1.0, metavar="NORM", help="clip the global gradient norm to this (0 disables)",
                            shared=True)
-    inner_optimizer: Literal["adamw", "adamw8bit"] = opt(
-        "adamw", metavar="NAME", help="adamw (torch, fused on CUDA) or adamw8bit (bitsandbytes 8-bit states)")
-    device: str = opt("auto", metavar="DEV", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    inner_optimizer: Literal["adamw", "adamw8bit", "auto"] = opt(
+        "auto", metavar="NAME", help="adamw (torch, fused on CUDA), adamw8bit (bitsandbytes 8-bit states: a quarter "
+                                     "of the moments' memory) or auto (adamw, or adamw8bit when memory is tight)")
+    device: str = opt("auto", metavar="DEV",
+                      help="auto (CUDA if available, then MPS, else CPU), cpu, cuda, cuda:N or mps")
+    memory_limit: float | None = opt(None, metavar="GIB",
+                                     help="plan training to fit in this many GiB of the device's memory instead of "
+                                          "what it reports free (leave room for other programs, or override a "
+                                          "cautious estimate); the plan is logged in one line at start-up")
+    activation_checkpointing: Literal["auto", "on", "off"] = opt(
+        "auto", metavar="MODE", help="recompute each block's activations in the backward pass: about a third more "
+                                     "compute for far less memory. auto: only when nothing else fits")
     precision: Literal["auto", "bf16", "fp32"] = opt(
         "auto", metavar="P", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
     compile: bool = opt(False, help="torch.compile the model (faster steps after a slow first one)")
@@ -207,7 +219,8 @@ class TrainConfig(Section):
     seed: int = opt(0, metavar="N", help="seed for initialisation and data order")
     eval_every: int = opt(100, metavar="N", help="validation loss/perplexity every N steps (0: only at the end)")
     eval_batches: int = opt(16, metavar="N", help="validation batches per evaluation")
-    log_every: int = opt(10, metavar="N", help="write a metrics record every N steps")
+    log_every: int = opt(10, metavar="N", help="write a 'step' metrics record (loss, lr, grad norm, tokens/s, "
+                                                    "MFU, peak memory) every N inner steps")
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "eval_batches", "log_every"):
@@ -220,15 +233,20 @@ class TrainConfig(Section):
         self.require("alpha_f", 0.0 <= self.alpha_f <= 1.0, "must be in [0, 1]")
         self.require("weight_decay", self.weight_decay >= 0.0, "must be >= 0")
         self.require("grad_clip", self.grad_clip >= 0.0, "must be >= 0")
-        self.require("inner_optimizer", self.inner_optimizer in ("adamw", "adamw8bit"), "choose adamw or adamw8bit")
+        self.require("inner_optimizer", self.inner_optimizer in ("adamw", "adamw8bit", "auto"),
+                     "choose adamw, adamw8bit or auto")
+        self.require("memory_limit", self.memory_limit is None or self.memory_limit > 0, "must be > 0 (GiB)")
+        self.require("activation_checkpointing", self.activation_checkpointing in ("auto", "on", "off"),
+                     "choose auto, on or off")
         self.require("precision", self.precision in ("auto", "bf16", "fp32"), "choose auto, bf16 or fp32")
         self.require("eval_every", self.eval_every >= 0, "must be >= 0")
         self.require("threads", self.threads is None or self.threads >= 1, "must be at least 1")
-        self.require("device", self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-                     "choose auto, cpu, cuda or cuda:N")
+        self.require("device", self.device in ("auto", "cpu", "mps") or bool(re.fullmatch(r"cuda(:\d+)?", self.device)),
+                     "choose auto, cpu, cuda or cuda:N (NVIDIA GPUs) or mps (Apple GPUs)")
 
     @property
     def micro_batch(self) -> int:
+        """The pinned micro-batch, else the whole batch (what runs when nobody plans: LocalSession asks fit.py)."""
         return self.micro_batch_size or self.batch_size
 
     @property
@@ -261,7 +279,18 @@ class LogConfig(Section):
     SECTION: ClassVar[str] = "log"
 
     metrics_file: str | None = opt(None, metavar="FILE.jsonl",
-                                   help="append one JSON record per logging step and per evaluation")
+                                   help="append JSON records: one every --log-every steps (kind 'step': loss, lr, "
+                                        "grad norm, tokens/s, MFU, peak memory), one per evaluation ('eval') and, "
+                                        "in a swarm, one per round ('round')")
+    tensorboard_dir: str | None = opt(None, metavar="DIR",
+                                      help="also write the records as TensorBoard scalars under DIR/RUN_ID/PEER "
+                                           "(needs the tensorboard package: pip install 'photon-p2p[tensorboard]')")
+    wandb_project: str | None = opt(None, metavar="NAME",
+                                    help="also log the records to this Weights & Biases project, grouped by run id "
+                                         "and named by peer (needs: pip install 'photon-p2p[wandb]')")
+    wandb_mode: Literal["offline", "online"] = opt("offline", metavar="MODE",
+                                                   help="offline (default: files under ./wandb, no account or "
+                                                        "network; upload later with 'wandb sync') or online")
     progress: bool = opt(True, help="show progress bars (off automatically when stderr is not a terminal)")
     log_level: Literal["debug", "info", "warning", "error"] = opt("info", metavar="LEVEL",
                                                                   help="debug, info, warning or error")
@@ -269,6 +298,7 @@ class LogConfig(Section):
     def validate(self) -> None:
         self.require("log_level", self.log_level in ("debug", "info", "warning", "error"),
                      "choose debug, info, warning or error")
+        self.require("wandb_mode", self.wandb_mode in ("offline", "online"), "choose offline or online")
 
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -481,12 +511,15 @@ def _check_nested(data: dict[str, Any], origin: str,
             raise ConfigError(f"{origin}: '{sec_name}' must be a table ([{sec_name}])")
         cls = by_name[sec_name]
         types_ = _field_types(cls)
-        known = [f.name for f in dataclasses.fields(cls)]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        known = list(fields)
         checked = {}
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in known:
                 raise ConfigError(f"{origin}: unknown key '{sec_name}.{key}'{_suggest(name, known)}")
+            if value is not None and value == fields[name].metadata.get("none_as"):
+                value = None  # e.g. micro_batch_size = "auto"
             checked[name] = _coerce(value, types_[name], f"{origin}: {sec_name}.{key}")
         out[sec_name] = checked
     return out
@@ -539,9 +572,21 @@ def add_section_arguments(parser: argparse.ArgumentParser, sections: tuple[type[
                 if origin is Literal:
                     kwargs["choices"] = typing.get_args(tp)
                     tp = str
+                if f.metadata.get("none_as"):
+                    help_ += f" (default: {f.metadata['none_as']})" if default is None else ""
+                    tp = _or_word(tp, f.metadata["none_as"])
                 kwargs["type"] = tp
                 kwargs["metavar"] = f.metadata.get("metavar")
             group.add_argument(flag, help=help_, **kwargs)
+
+
+def _or_word(tp: Any, word: str) -> Any:
+    """argparse type for a field whose None is spelled ``word`` on the command line."""
+    def parse(text: str) -> Any:
+        return None if text == word else tp(text)
+
+    parse.__name__ = f"{tp.__name__} or '{word}'"  # argparse's message: "invalid int or 'auto' value: 'x'"
+    return parse
 
 
 def build_config(args: argparse.Namespace, sections: tuple[type[Section], ...], config_file: str | None,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from photon_p2p.errors import ConfigError
@@ -220,6 +221,8 @@ class Transformer(nn.Module):
         # derived from args, so non-persistent: checkpoints and the swarm's averaging never carry them
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # a per-peer memory/compute trade (train/fit.py decides it), so not part of ModelArgs or the checkpoint
+        self.activation_checkpointing = False
         self.init_weights()
 
     @torch.no_grad()
@@ -255,8 +258,14 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {t} tokens is longer than the model's max_seq_len {self.args.max_seq_len}")
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         h = self.tok_embeddings(idx)
+        # checkpointing keeps only each block's input and recomputes the block in the backward pass; non-reentrant
+        # checkpoints replay autocast and RNG state, so the gradients are those of the plain forward
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin)
         logits = self.lm_head(self.norm(h))
         if targets is None:
             return logits

@@ -251,7 +251,8 @@ def test_run_config_dict_round_trip():
 
 @pytest.mark.parametrize("module, argv", [
     ("peer", ["--bogus"]), ("bootstrap", ["--bogus"]), ("status", ["--run-id", "x"]), ("swarm", ["--bogus"]),
-    ("export", ["--bogus"]), ("tokenizer", ["train", "--vocab-size", "many"]),
+    ("export", ["--bogus"]), ("tokenizer", ["train", "--vocab-size", "many"]), ("plot", ["--bogus"]),
+    ("generate", ["--bogus"]),
 ])
 def test_every_cli_reports_a_bad_flag_in_one_line(capsys, module, argv):
     import importlib

@@ -17,6 +17,7 @@ from torch import nn
 
 from photon_p2p.config import TrainConfig
 from photon_p2p.errors import CheckpointError, ConfigError
+from photon_p2p.train.fit import pick_device, uses_bf16
 from photon_p2p.train.schedule import lr_at
 
 logger = logging.getLogger(__name__)
@@ -25,19 +26,13 @@ ADAM_BETAS = (0.9, 0.95)
 
 
 def resolve_device(spec: str) -> torch.device:
-    """'auto' picks CUDA when present; asking for CUDA on a machine without it is a clear error."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
-    return device
+    """'auto' picks CUDA, then MPS, then the CPU; a device this machine lacks is a clear error (fit.pick_device)."""
+    return pick_device(spec)
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (weights and optimizer stay fp32), plain fp32 elsewhere."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not uses_bf16(device, precision):
         return contextlib.nullcontext()
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--precision bf16: this GPU does not support bfloat16 (use --precision fp32)")
@@ -53,9 +48,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_inner_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_inner_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, kind: str | None = None,
+                          ) -> torch.optim.Optimizer:
+    """``kind`` ("adamw" or "adamw8bit", e.g. fit.py's choice) overrides ``cfg.inner_optimizer``; its "auto"
+    means plain AdamW."""
     groups = param_groups(model, cfg.weight_decay)
-    if cfg.inner_optimizer == "adamw8bit":
+    if (kind or cfg.inner_optimizer) == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError as e:  # pragma: no cover - it is a hard dependency
@@ -101,13 +99,23 @@ class InnerTrainer:
     """Owns the local model's optimizer; ``step()`` runs one optimizer step (with accumulation) on the next batch.
 
     :param model: the local model, already on ``device`` (possibly wrapped by torch.compile)
-    :param sampler: yields (x, y) batches of ``cfg.micro_batch`` sequences
+    :param micro_batch: sequences per forward/backward pass, a divisor of ``cfg.batch_size`` (default:
+        ``cfg.micro_batch``); the sampler given to ``step()`` must yield batches of this size
+    :param optimizer: "adamw" or "adamw8bit", what fit.plan_fit chose when ``cfg.inner_optimizer`` is "auto"
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, *, micro_batch: int | None = None,
+                 optimizer: str | None = None):
         self.model, self.cfg, self.device = model, cfg, device
-        self.optimizer = build_inner_optimizer(model, cfg, device)
-        self.accum_steps = cfg.batch_size // cfg.micro_batch
+        self.micro_batch = micro_batch or cfg.micro_batch
+        if cfg.batch_size % self.micro_batch:
+            raise ValueError(f"micro-batch {self.micro_batch} does not divide batch {cfg.batch_size}")
+        pinned = cfg.inner_optimizer != "auto"
+        self.optimizer_kind = cfg.inner_optimizer if pinned else optimizer or "adamw"
+        self._optimizer_pinned = pinned
+        self.optimizer = build_inner_optimizer(model, cfg, device, self.optimizer_kind)
+        # equal micro-batches, each loss scaled by 1/accum_steps: the gradient of the batch's mean loss
+        self.accum_steps = cfg.batch_size // self.micro_batch
         self.autocast = autocast_context(device, cfg.precision)
         self._pin = device.type == "cuda"
 
@@ -151,9 +159,15 @@ class InnerTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load saved moments; refuses those of the other --inner-optimizer, which would load silently and then fail
-        (or worse) in the first step."""
+        (or worse) in the first step. With --inner-optimizer auto the checkpoint's kind is adopted instead."""
         saved = _optimizer_kind(state)
-        if saved is not None and saved != self.cfg.inner_optimizer:
+        if saved is not None and saved != self.optimizer_kind and not self._optimizer_pinned:
+            # --inner-optimizer auto: keep the checkpoint's kind rather than lose its moments
+            log = logger.warning if saved == "adamw" else logger.info  # fp32 moments take 4x the planned memory
+            log("resuming with the checkpoint's %s moments (memory was planned for %s)", saved, self.optimizer_kind)
+            self.optimizer_kind = saved
+            self.optimizer = build_inner_optimizer(self.model, self.cfg, self.device, saved)
+        if saved is not None and saved != self.optimizer_kind:
             raise CheckpointError(f"the checkpoint holds --inner-optimizer {saved} moments, but this run uses "
                                   f"--inner-optimizer {self.cfg.inner_optimizer}: resume with --inner-optimizer "
                                   f"{saved}, or start over with --fresh")

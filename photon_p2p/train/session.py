@@ -20,7 +20,8 @@ from photon_p2p.errors import CheckpointError, ConfigError, DataError
 from photon_p2p.model import ModelArgs, Transformer, build_model_args, pad_vocab, param_count_summary
 from photon_p2p.train.checkpoint import Checkpoint, save_checkpoint
 from photon_p2p.train.evaluate import evaluate
-from photon_p2p.train.inner import InnerTrainer, StepResult, resolve_device
+from photon_p2p.train.fit import FitPlan, pick_device, plan_fit
+from photon_p2p.train.inner import InnerTrainer, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -44,32 +45,42 @@ def resolve_model_args(cfg: RunConfig, tokenizer: Tokenizer) -> ModelArgs:
 
 class LocalSession:
     """Everything one peer trains with. Build it before any swarm process forks only if no CUDA is touched;
-    with CUDA, start the swarm first (DESIGN.md: never fork after CUDA is initialised)."""
+    with CUDA, start the swarm first (docs/design.md, "Traps we design around": never fork after CUDA is initialised).
+
+    How it trains (device, micro-batch x accumulation, optimizer, activation checkpointing) is ``plan``, or
+    fit.plan_fit's choice for this machine, made before the data is packed and the model allocated (a model too big
+    for the machine fails at once) and logged in one line.
+    """
 
     def __init__(self, cfg: RunConfig, *, tokenizer: Tokenizer | None = None, model_args: ModelArgs | None = None,
-                 progress: bool = True):
+                 progress: bool = True, plan: FitPlan | None = None):
         self.cfg = cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.device = resolve_device(cfg.train.device)
+        self.device = plan.device if plan is not None else pick_device(cfg.train.device)
         self.tokenizer = tokenizer or load_tokenizer(cfg.data.tokenizer)
         if not cfg.data.paths:
             raise ConfigError("--data is required: give your training text (files, directories or globs), "
                               "or 'default' for the Python standard library's sources")
+        self.model_args = model_args or resolve_model_args(cfg, self.tokenizer)
+        self.plan = plan or plan_fit(self.model_args, cfg.train, self.device, model_name=f"--model {cfg.model.preset}")
+        logger.info("%s", self.plan.describe())
+        self.train_cfg = self.plan.apply(cfg.train)  # cfg.train with the planned micro-batch
         self.dataset = prepare_dataset(cfg.data.paths, self.tokenizer, cache_dir=cfg.data.cache_dir,
                                        val_fraction=cfg.data.val_fraction, progress=progress)
-        self.model_args = model_args or resolve_model_args(cfg, self.tokenizer)
         if self.dataset.vocab_size_needed > self.model_args.vocab_size:
             raise DataError(f"the token shards use ids up to {self.dataset.vocab_size_needed - 1} but the model has "
                             f"{self.model_args.vocab_size} embedding rows; raise --vocab-size")
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(self.model_args).to(self.device)
+        self.model.activation_checkpointing = self.plan.activation_checkpointing
         logger.info("model %s", param_count_summary(self.model_args, cfg.model.preset))
         # the compiled wrapper shares parameters with self.model; checkpoints always use the plain module
         self.runnable = torch.compile(self.model) if cfg.train.compile else self.model
-        self.trainer = InnerTrainer(self.runnable, cfg.train, self.device)
+        self.trainer = InnerTrainer(self.runnable, self.train_cfg, self.device, optimizer=self.plan.optimizer)
+        # micro-batches of a batch are consecutive draws: the same windows, in the same order, as one batch-size draw
         self.sampler = BatchSampler(self.dataset.train, seq_len=self.model_args.max_seq_len,
-                                    batch_size=cfg.train.micro_batch, seed=cfg.train.seed,
+                                    batch_size=self.plan.micro_batch, seed=cfg.train.seed,
                                     partition=cfg.data.partition_tuple)
         self.progress = Progress()
 
@@ -84,8 +95,11 @@ class LocalSession:
         return result
 
     def evaluate(self) -> tuple[float, float]:
-        return evaluate(self.runnable, self.dataset.val, seq_len=self.seq_len, batch_size=self.cfg.train.micro_batch,
-                        max_batches=self.cfg.train.eval_batches, device=self.device, autocast=self.trainer.autocast)
+        # --eval-batches counts whole batches, so every peer evaluates the same windows whatever its micro-batch
+        accum = self.trainer.accum_steps
+        return evaluate(self.runnable, self.dataset.val, seq_len=self.seq_len, batch_size=self.plan.micro_batch,
+                        max_batches=self.cfg.train.eval_batches * accum, device=self.device,
+                        autocast=self.trainer.autocast)
 
     # ---------------------------------------------------------------------------------------------------------
     # checkpoints
