@@ -164,3 +164,72 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def model_from_hf(config: dict[str, Any], weights: dict[str, torch.Tensor], *, origin: str = "export") -> Transformer:
+    """The inverse of ``hf_config`` + ``hf_state_dict``: our model (fp32, CPU, eval mode) from a Llama config.json
+    and its tensors. Refuses, with a CheckpointError naming ``origin``, what photon_p2p.model cannot represent
+    (biases, RoPE scaling, another head_dim, another activation) rather than load a model that computes otherwise."""
+    def need(key: str) -> Any:
+        if key not in config:
+            raise CheckpointError(f"{origin}: config.json has no {key!r}; it is not a Llama config")
+        return config[key]
+
+    unsupported = [f"{k}={config[k]!r}" for k, ok in (("model_type", "llama"), ("hidden_act", "silu"))
+                   if config.get(k, ok) != ok]
+    unsupported += [f"{k}=true" for k in ("attention_bias", "mlp_bias") if config.get(k)]
+    rope = config.get("rope_parameters") or {}
+    if config.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        unsupported.append("RoPE scaling")
+    if unsupported:
+        raise CheckpointError(f"{origin}: not a model photon can run ({', '.join(unsupported)})")
+    try:
+        d_model, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
+        args = ModelArgs(
+            vocab_size=int(need("vocab_size")), d_model=d_model, n_layers=int(need("num_hidden_layers")),
+            n_heads=n_heads, n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
+            ffn_hidden=int(need("intermediate_size")), max_seq_len=int(need("max_position_embeddings")),
+            rope_theta=float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0),
+            norm_eps=float(config.get("rms_norm_eps", 1e-6)),  # transformers' LlamaConfig default
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),  # ditto
+            init_std=float(config.get("initializer_range", 0.02)))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{origin}: config.json describes no valid model ({e})") from None
+    if config.get("head_dim") not in (None, args.head_dim):
+        raise CheckpointError(f"{origin}: head_dim {config['head_dim']} != hidden_size / num_attention_heads "
+                              f"({args.head_dim}); photon's model cannot represent it")
+
+    ours_by_hf = {hf: ours for ours, hf in _LAYER_NAMES.items()}
+    state: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for name, t in weights.items():
+        if name == "model.embed_tokens.weight":
+            ours = "tok_embeddings.weight"
+        elif name == "model.norm.weight":
+            ours = "norm.weight"
+        elif name == "lm_head.weight":
+            ours = "lm_head.weight"
+        elif (m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)) and m.group(2) in ours_by_hf:
+            ours = f"layers.{m.group(1)}.{ours_by_hf[m.group(2)]}"
+        elif name.endswith("rotary_emb.inv_freq"):  # older transformers saved this derived buffer
+            continue
+        else:
+            unknown.append(name)
+            continue
+        state[ours] = t.to(torch.float32)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise CheckpointError(f"{origin}: model.safetensors holds tensors photon's model does not have ({shown})")
+    if args.tie_embeddings and "tok_embeddings.weight" in state:
+        # a tied export stores the matrix once; some writers still include lm_head: it must be the same matrix
+        head = state.pop("lm_head.weight", None)
+        if head is not None and not torch.equal(head, state["tok_embeddings.weight"]):
+            raise CheckpointError(f"{origin}: tie_word_embeddings is true but lm_head differs from embed_tokens")
+        state["lm_head.weight"] = state["tok_embeddings.weight"]
+    model = Transformer(args)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{origin}: the weights do not match config.json ({detail})") from None
+    return model.eval()
