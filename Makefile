@@ -12,7 +12,7 @@ DEMO_DIR ?= .demo
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.photon-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install browser demo test lint bench clean
 
 install: $(STAMP)
 
@@ -27,7 +27,20 @@ demo: install
 	$(BIN)/photon-swarm --peers 3 --data default --model tiny --max-steps 300 --local-steps 50 --eval-every 100 \
 		--workdir $(DEMO_DIR) --fresh
 
-test: install
+# The dashboard's browser test drives Debian's chromium through chromedriver (tests/test_dashboard.py skips without
+# them). Installed only when missing, as root, where apt-get exists; never fails the build.
+browser:
+	-@if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && [ "$$(id -u)" = 0 ] \
+		&& command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver (apt-get) for the dashboard's browser test"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+		|| { apt-get update -qq >/dev/null 2>&1 \
+		     && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1; } \
+		|| echo "could not install chromium; the browser test will be skipped"; \
+	fi
+
+test: install browser
 	$(BIN)/ruff check photon_p2p tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

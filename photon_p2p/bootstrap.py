@@ -10,6 +10,7 @@ Operating it: it prints the ``photon-peer --initial-peers ...`` line to hand out
 every ``--status-period`` seconds (DHT peers in the routing table, runs seen). SIGINT/SIGTERM stop it cleanly
 (exit 0, no ``p2pd`` left behind); an unexpected death of its DHT process exits non-zero, so a supervisor
 (systemd ``Restart=on-failure``) restarts it. See ``bootstrap/`` for a config file, a systemd unit and a container.
+``--serve [HOST:]PORT`` adds a web dashboard of the runs it sees (photon_p2p/dashboard).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TextIO
 
 from photon_p2p.config import Section, opt
+from photon_p2p.dashboard.server import SERVE_HINT, parse_serve
 from photon_p2p.errors import ConfigError, SwarmError
 from photon_p2p.runtime import quiet_hivemind
 
@@ -91,6 +93,14 @@ class BootstrapConfig(Section):
     log_level: Literal["debug", "info", "warning", "error"] = opt(
         "info", metavar="LEVEL", help="debug, info, warning or error"
     )
+    serve: str | None = opt(
+        None,
+        metavar="[HOST:]PORT",
+        help="serve a live web dashboard of the runs announced in the DHT (pick one; peers, throughput, loss per "
+        "round, theta agreement, contributions) at http://HOST:PORT/; HOST defaults to 127.0.0.1. Another host "
+        "makes the page public: it has no authentication",
+    )
+    serve_period: float = opt(5.0, metavar="SEC", help="with --serve: seconds between the dashboard's DHT reads")
 
     def validate(self) -> None:
         self.require("host_maddrs", bool(self.host_maddrs), "give at least one address to listen on")
@@ -104,6 +114,12 @@ class BootstrapConfig(Section):
         self.require(
             "log_level", self.log_level in ("debug", "info", "warning", "error"), "choose debug, info, warning or error"
         )
+        if self.serve is not None:
+            try:
+                parse_serve(self.serve)
+            except ConfigError:
+                self.fail("serve", SERVE_HINT)
+        self.require("serve_period", self.serve_period >= 1, "must be at least 1 second")
 
 
 SECTIONS: tuple[type[Section], ...] = (BootstrapConfig,)
@@ -149,7 +165,8 @@ class StatusReporter:
         from photon_p2p.swarm.dht import signals_deferred
         from photon_p2p.swarm.manifest import list_runs
 
-        with signals_deferred():  # see there: a signal while hivemind creates a future can hang torch
+        # the DHT's control pipe is not thread-safe: share DHTCalls' lock (the dashboard polls from its own thread)
+        with self.calls._lock, signals_deferred():  # see there: a signal while hivemind creates a future can hang torch
             future = self.dht.run_coroutine(_routing_table_peers, return_future=True)
         peers = set(future.result(timeout=timeout))
         change = ""
@@ -179,7 +196,7 @@ def run_bootstrap(cfg: BootstrapConfig, *, out: TextIO | None = None) -> int:
     from photon_p2p.swarm.identity import Identity
 
     out = out or sys.stdout
-    dht = None
+    dht = dashboard = None
     try:
         # everything that can fail on bad local input fails here, before any file is written or process started
         check_addresses(cfg)
@@ -211,12 +228,39 @@ def run_bootstrap(cfg: BootstrapConfig, *, out: TextIO | None = None) -> int:
             f" (identity {identity.path})" if identity is not None else "",
         )
         print(paste_line(maddrs), file=out, flush=True)
-        _serve(dht, DHTCalls(dht), cfg.status_period)
+        calls = DHTCalls(dht)
+        if cfg.serve is not None:
+            dashboard = start_dashboard(calls, *parse_serve(cfg.serve), period=cfg.serve_period)
+            print(f"dashboard at {dashboard.url} (Ctrl-C to stop)", file=out, flush=True)
+        _serve(dht, calls, cfg.status_period)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (GracefulExit): the normal way to stop a service
         logger.info("shutting down")
     finally:
+        if dashboard is not None:
+            dashboard.stop()
         stop_dht(dht)
     return 0
+
+
+def start_dashboard(calls: Any, host: str, port: int, *, period: float) -> Any:
+    """--serve: the web dashboard (photon_p2p/dashboard) of the runs announced in the DHT; the page picks one."""
+    from photon_p2p.dashboard.server import Dashboard
+    from photon_p2p.status import gather
+    from photon_p2p.swarm.manifest import list_runs
+    from photon_p2p.swarm.records import RejectCounter
+
+    manifests: dict[str, Any] = {}  # the last manifest seen of each run, kept if its record briefly disappears
+
+    def snapshot(run_id: str) -> dict[str, Any]:
+        status = gather(calls, run_id, attempts=1, known=manifests.get(run_id))
+        manifests[run_id] = status["manifest"]
+        return status
+
+    def runs() -> list[dict[str, Any]]:
+        return [{"run_id": a.run_id, "manifest_hash": a.manifest_hash, "time": a.time}
+                for a in list_runs(calls, RejectCounter())]
+
+    return Dashboard(snapshot, list_runs=runs, period=period).start(host, port)
 
 
 def _serve(dht: Any, calls: Any, period: float) -> None:

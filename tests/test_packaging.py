@@ -34,6 +34,8 @@ def test_wheel_contains_every_module(tmp_path):
     assert sources, "no sources found"
     missing = [s for s in sources if s not in names]
     assert not missing, f"the wheel lacks {missing}"
+    static = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "photon_p2p" / "dashboard" / "static").iterdir())
+    assert len(static) >= 3 and not [s for s in static if s not in names], f"the wheel lacks dashboard files {static}"
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()
     assert "Requires-Dist: hivemind==1.1.12" in text

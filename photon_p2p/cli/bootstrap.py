@@ -22,6 +22,7 @@ EPILOG = """\
 examples:
   photon-bootstrap --identity-path ~/.config/photon-p2p/bootstrap.key
   photon-bootstrap --config bootstrap/photon-bootstrap.toml
+  photon-bootstrap --identity-path b.key --serve 8080   # plus a web dashboard at http://127.0.0.1:8080/
   photon-bootstrap --identity-path b2.key --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmXYZ...
   photon-bootstrap --host-maddrs /ip4/127.0.0.1/tcp/0 --identity-path /tmp/b.key   # local tests"""
 

@@ -9,6 +9,7 @@ import sys
 from photon_p2p import __version__
 from photon_p2p.cli.common import ArgumentParser, run_main, setup_logging
 from photon_p2p.config import RUN_ID_PATTERN
+from photon_p2p.dashboard.server import parse_serve
 from photon_p2p.errors import ConfigError
 from photon_p2p.runtime import quiet_hivemind
 from photon_p2p.status import StatusOptions, run_status
@@ -23,9 +24,10 @@ examples:
   photon-status --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmXYZ... --run-id my-run
   photon-status --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmXYZ... --run-id my-run --watch
   photon-status --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmXYZ... --run-id my-run --json | jq .peers
+  photon-status --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmXYZ... --run-id my-run --serve 8080
 
-exit codes: 0 ok (also when --watch ends with Ctrl-C), 2 a problem to fix (bad address, nobody answered, unknown
-run id: the error lists the run ids seen)"""
+exit codes: 0 ok (also when --watch or --serve ends with Ctrl-C), 2 a problem to fix (bad address, nobody
+answered, unknown run id: the error lists the run ids seen)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,11 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
         "/ip4/203.0.113.5/tcp/31337/p2p/QmXYZ... (printed by photon-bootstrap and every peer)",
     )
     parser.add_argument("--run-id", required=True, metavar="NAME", help="which run to show")
-    parser.add_argument(
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object (keys: run_id, manifest, peers, total_tokens_per_s, "
         "rejected_records, rejected_reasons) instead of the table; with --watch, one per line",
+    )
+    output.add_argument(
+        "--serve",
+        metavar="[HOST:]PORT",
+        help="serve a live web dashboard (peers, throughput, loss and perplexity per round, round timeline, theta "
+        "agreement, contributions) at http://HOST:PORT/ until Ctrl-C, instead of printing; HOST defaults to "
+        "127.0.0.1. Another host makes the page public: it has no authentication",
+    )
+    parser.add_argument(
+        "--serve-period",
+        type=float,
+        default=5.0,
+        metavar="SEC",
+        help="with --serve: seconds between reads of the DHT (default: 5)",
     )
     parser.add_argument(
         "--watch",
@@ -91,6 +108,11 @@ def parse_options(argv: list[str] | None = None) -> tuple[StatusOptions, str]:
         raise ConfigError(f"--run-id {args.run_id!r}: use 1-64 letters, digits, '-' or '_'")
     if args.watch is not None and not args.watch > 0:
         raise ConfigError(f"--watch {args.watch:g}: must be > 0 seconds")
+    serve = parse_serve(args.serve) if args.serve is not None else None
+    if serve is not None and args.watch is not None:
+        raise ConfigError("--watch: --serve refreshes by itself (every --serve-period seconds); drop --watch")
+    if not args.serve_period >= 1:
+        raise ConfigError(f"--serve-period {args.serve_period:g}: must be at least 1 second")
     if not args.join_timeout > 0:
         raise ConfigError(f"--join-timeout {args.join_timeout:g}: must be > 0")
     opts = StatusOptions(
@@ -100,6 +122,8 @@ def parse_options(argv: list[str] | None = None) -> tuple[StatusOptions, str]:
         watch=args.watch,
         join_timeout=args.join_timeout,
         host_maddrs=args.host_maddrs,
+        serve=serve,
+        serve_period=args.serve_period,
     )
     return opts, args.log_level
 
