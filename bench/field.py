@@ -105,7 +105,7 @@ class Fleet:
         path = self.workdir / host / "metrics.jsonl"
         if not path.exists():
             return []
-        return [r for r in map(json.loads, path.read_text().splitlines()) if "round" in r]
+        return [r for r in map(json.loads, path.read_text().splitlines()) if "outcome" in r]  # round records
 
     def close(self) -> None:
         from photon_p2p.runtime import stop_groups

@@ -65,10 +65,10 @@ class Member:
             except json.JSONDecodeError:
                 continue
             out.append(rec)
-            if "round" in rec:
+            if "outcome" in rec:  # a round record ('step' and 'eval' records carry a round number too)
                 self.rounds.append(rec)
-            if rec.get("val_loss") is not None:  # swarm peers report evaluations inside round records
-                self.evals.append(rec)
+                if rec.get("val_loss") is not None:  # swarm peers report evaluations inside round records
+                    self.evals.append(rec)
         return out
 
 

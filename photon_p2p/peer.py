@@ -1,8 +1,8 @@
 """One peer's lifecycle: join -> agree on the run -> sync -> rounds -> clean shutdown.
 
-Order matters here (DESIGN.md): the DHT and the averager are forked *before* the local model touches a GPU, and
-the heartbeat thread starts only after the forks. Everything started is stopped in ``finally`` blocks, so an error
-or Ctrl-C leaves no averager, DHT or p2pd process behind.
+Order matters here (docs/design.md, "Traps we design around"): the DHT and the averager are forked *before* the
+local model touches a GPU, and the heartbeat thread starts only after the forks. Everything started is stopped in
+``finally`` blocks, so an error or Ctrl-C leaves no averager, DHT or p2pd process behind.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from photon_p2p.errors import CheckpointError
 from photon_p2p.model import Transformer
 from photon_p2p.runtime import progress_enabled, quiet_hivemind
 from photon_p2p.train.checkpoint import Checkpoint
+from photon_p2p.train.fit import plan_before_fork
 from photon_p2p.train.inner import resolve_device
-from photon_p2p.train.metrics import MetricsWriter
+from photon_p2p.train.metrics import MetricsWriter, open_metrics
 from photon_p2p.train.outer import make_outer_optimizer
 from photon_p2p.train.session import LocalSession, resolve_model_args
 from photon_p2p.train.solo import checkpoint_to_resume
@@ -70,22 +71,26 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
     from photon_p2p.swarm.dht import DHTCalls, start_dht, stop_dht, visible_maddrs
     from photon_p2p.swarm.heartbeat import HeartbeatPublisher
     from photon_p2p.swarm.identity import Identity
+    from photon_p2p.swarm.loop import PeerLoop
     from photon_p2p.swarm.manifest import adopt_manifest, agree_on_manifest, build_manifest
     from photon_p2p.swarm.records import RejectCounter
-    from photon_p2p.swarm.rounds import RoundEngine
     from photon_p2p.swarm.state import theta_from_model
     from photon_p2p.swarm.view import SwarmView
 
     show = progress_enabled(cfg.log.progress)
     scratch = tempfile.TemporaryDirectory(prefix="photon-peer-")
     dht = averager = heartbeat = view = None
-    metrics = MetricsWriter(cfg.log.metrics_file)
+    metrics = MetricsWriter(None)
     try:
         # everything that can fail on bad local input fails here, before any process is started
         resume = checkpoint_to_resume(cfg)
         proposal_tokenizer = load_tokenizer(cfg.data.tokenizer)
         proposal_args = resolve_model_args(cfg, proposal_tokenizer)
+        plan_before_fork(proposal_args, cfg.train, model_name=f"--model {cfg.model.preset}",
+                         outer_optimizer=cfg.round.outer_optimizer)  # a model too big fails before the DHT starts
         identity = Identity.load_or_create(_identity_path(cfg, Path(scratch.name)))
+        metrics = open_metrics(cfg.log, group=cfg.swarm.run_id, name=f"peer-{identity.peer_id.to_base58()[-8:]}",
+                               config=cfg.to_dict())
 
         sw = cfg.swarm
         dht = start_dht(initial_peers=sw.initial_peers, host_maddrs=sw.host_maddrs, announce_maddrs=sw.announce_maddrs,
@@ -98,6 +103,10 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
         proposal = build_manifest(cfg, proposal_tokenizer, proposal_args)
         run = agree_on_manifest(calls, identity, proposal, explicit, join_existing=sw.join_existing)
         cfg, tokenizer, model_args = adopt_manifest(cfg, run.manifest)
+        # planned again for the run's settings, before theta is allocated (on a CPU peer theta shares the memory);
+        # a GPU peer's device is planned by LocalSession, after the forks
+        plan = plan_before_fork(model_args, cfg.train, model_name=f"--model {cfg.model.preset}",
+                                outer_optimizer=cfg.round.outer_optimizer)
 
         # the global state lives on the CPU in fp32; build it before anything touches the GPU
         torch.manual_seed(cfg.train.seed)
@@ -123,13 +132,15 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
         heartbeat.update(round=start_round, stage="starting", publish_now=True)
         rejects = RejectCounter()
         view = SwarmView(calls, sw.run_id, run.hash, identity.peer_id.to_base58(), rejects).start()
-        session = LocalSession(cfg, tokenizer=tokenizer, model_args=model_args, progress=show)
+        session = LocalSession(cfg, tokenizer=tokenizer, model_args=model_args, progress=show, plan=plan)
         if resume is not None:
             session.restore(resume)
-        engine = RoundEngine(cfg=cfg, run=run, session=session, theta=theta, outer=outer, delta=delta,
+        engine = PeerLoop(cfg=cfg, run=run, session=session, theta=theta, outer=outer, delta=delta,
                              averager=averager, view=view, heartbeat=heartbeat, rejects=rejects, show_progress=show,
                              round_=start_round)
         holder["engine"] = engine
+        if resume is not None:
+            engine.contribution.update(resume.state.get("contribution") or {})
         engine.set_global(round_=start_round, step=session.progress.step)
         if not sw.client_mode:
             averager.allow_state_sharing = True

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 MAX_TOKENIZER_JSON = 64 << 20  # a manifest's tokenizer is zlib-compressed: bound what we inflate
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
+LEADERBOARD_ROWS = 10
 
 
 @dataclass(kw_only=True)
@@ -34,6 +35,8 @@ class StatusOptions:
     join_timeout: float = 15.0
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     manifest_attempts: int = 2  # a node that has just joined may need a moment to find the records
+    serve: tuple[str, int] | None = None  # (host, port): serve the web dashboard (photon_p2p/dashboard) instead
+    serve_period: float = 5.0  # seconds between the dashboard's DHT reads
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -94,13 +97,37 @@ def peer_row(hb: Any, now: float) -> dict[str, Any]:
         "peer_id": hb.peer_id, "stage": hb.stage, "round": hb.round, "step": hb.step, "tokens": hb.tokens,
         "tokens_per_s": hb.tokens_per_s, "loss": hb.loss, "val_ppl": hb.val_ppl, "device": hb.device,
         "version": hb.version, "last_seen_s": round(max(0.0, now - hb.time), 1), "client_mode": hb.client_mode,
+        "theta_hash": hb.theta_hash, "last_round": hb.last_round.model_dump() if hb.last_round else None,
     }
+
+
+def leaderboard(contributions: dict[str, Any], live: set[str]) -> list[dict[str, Any]]:
+    """Peers by tokens that entered theta (each figure is signed by, and only claimed by, that peer)."""
+    rows = [{"peer_id": c.peer_id, "tokens": c.tokens, "rounds_averaged": c.rounds_averaged, "rounds": c.rounds,
+             "live": c.peer_id in live, "first_seen": c.first_seen, "last_update": c.time}
+            for c in contributions.values()]
+    return sorted(rows, key=lambda r: (-r["tokens"], r["peer_id"]))
+
+
+def theta_agreement(peers: list[dict[str, Any]]) -> dict[str, int]:
+    """How many peers at the swarm's newest round hold each theta hash (one entry: they agree; several: the swarm
+    has split). Only peers at the same round can agree: a peer still averaging round r holds the theta that the
+    peers already at r + 1 replaced a moment ago."""
+    settled = [p for p in peers if p["theta_hash"] and p["stage"] not in ("starting", "syncing", "left")]
+    if not settled:
+        return {}
+    newest = max(p["round"] for p in settled)
+    counts: dict[str, int] = {}
+    for p in settled:
+        if p["round"] == newest:
+            counts[p["theta_hash"]] = counts.get(p["theta_hash"], 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def gather(calls: Any, run_id: str, *, attempts: int = 2, known: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run's status as one JSON-ready dict. Raises SwarmError (listing the runs seen) if the run is unknown;
     ``known`` is a manifest summary from an earlier call, kept if the manifest has since disappeared."""
-    from photon_p2p.swarm.heartbeat import read_heartbeats
+    from photon_p2p.swarm.heartbeat import read_contributions, read_heartbeats
     from photon_p2p.swarm.manifest import fetch_manifests, list_runs, pick_canonical, unknown_run_message
     from photon_p2p.swarm.records import RejectCounter
 
@@ -121,11 +148,14 @@ def gather(calls: Any, run_id: str, *, attempts: int = 2, known: dict[str, Any] 
     beats = read_heartbeats(calls, run_id, rejects)
     now = time.time()
     peers = [peer_row(hb, now) for _, hb in sorted(beats.items())]
+    board = leaderboard(read_contributions(calls, run_id, rejects), set(beats))
     return {
         "run_id": run_id,
         "manifest": manifest,
         "peers": peers,
         "total_tokens_per_s": round(sum(p["tokens_per_s"] for p in peers), 1),
+        "theta_agreement": theta_agreement(peers),
+        "leaderboard": board,
         "rejected_records": rejects.total,
         "rejected_reasons": dict(sorted(rejects.counts.items())),
     }
@@ -156,6 +186,12 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], numeric: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+                      ).rstrip() for r in [header, *rows]]
+
+
 def render(status: dict[str, Any]) -> str:
     m = status["manifest"]
     vocab = f" ({m['tokenizer_vocab']:,} tokens)" if m["tokenizer_vocab"] is not None else ""
@@ -177,16 +213,30 @@ def render(status: dict[str, Any]) -> str:
         rows = [(short_peer_id(p["peer_id"]) + (" (client)" if p["client_mode"] else ""), _clean(p["stage"]),
                  str(p["round"]), f"{p['step']:,}", f"{p['tokens_per_s']:,.0f}", _fmt(p["loss"], ".4f"),
                  _fmt(p["val_ppl"], ".2f"), _clean(p["device"]), _fmt_seconds(p["last_seen_s"])) for p in peers]
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        numeric = {2, 3, 4, 5, 6, 8}
-        for r in [header, *rows]:
-            cells = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-            lines.append("  ".join(cells).rstrip())
+        lines += _table(header, rows, numeric={2, 3, 4, 5, 6, 8})
         lines.append("")
         lines.append(f"{len(peers)} live peer{'s' if len(peers) != 1 else ''}, total throughput "
                      f"{status['total_tokens_per_s']:,.0f} tokens/s")
+        agreement = status.get("theta_agreement") or {}
+        if len(agreement) == 1:
+            (h, n), = agreement.items()
+            lines.append(f"theta: the peers at the newest round agree ({n} on {_clean(h)[:12]})")
+        elif agreement:
+            split = ", ".join(f"{_clean(h)[:12]} ({n})" for h, n in agreement.items())
+            lines.append(f"theta: the swarm holds {len(agreement)} different models: {split} (they merge when their "
+                         f"peers next average together)")
     else:
         lines.append("no live peers (a peer shows up within seconds of joining; heartbeats expire after ~12 s)")
+    board = status.get("leaderboard") or []
+    if board:
+        lines += ["", "CONTRIBUTIONS (tokens that entered theta, as each peer reports it)"]
+        header = ("PEER", "TOKENS", "ROUNDS", "AVERAGED", "")
+        rows = [(short_peer_id(r["peer_id"]), f"{r['tokens']:,}", str(r["rounds"]), str(r["rounds_averaged"]),
+                 "live" if r["live"] else f"left {_fmt_seconds(max(0.0, time.time() - r['last_update']))} ago")
+                for r in board[:LEADERBOARD_ROWS]]
+        lines += _table(header, rows, numeric={1, 2, 3})
+        if len(board) > LEADERBOARD_ROWS:
+            lines.append(f"... and {len(board) - LEADERBOARD_ROWS} more (--json lists all)")
     if m.get("candidates", 1) > 1:
         lines.append(f"note: {m['candidates']} valid manifests were published for this run; showing the canonical "
                      f"(earliest) one")
@@ -214,6 +264,15 @@ def run_status(opts: StatusOptions, *, out: TextIO | None = None) -> int:
                         identity=Identity.ephemeral(scratch.name), client_mode=True, join_timeout=opts.join_timeout)
         calls = DHTCalls(dht)
         status = gather(calls, opts.run_id, attempts=opts.manifest_attempts)
+        if opts.serve is not None:  # a web page instead of the terminal, until Ctrl-C
+            from photon_p2p.dashboard.server import Dashboard, serve_until_stopped
+
+            known = status["manifest"]
+            dashboard = Dashboard(lambda run_id: gather(calls, run_id, attempts=1, known=known), run_id=opts.run_id,
+                                  period=opts.serve_period, initial=status)
+            serve_until_stopped(dashboard, *opts.serve, out=out, alive=dht.is_alive,
+                                dead="the DHT client process died; run photon-status again")
+            return 0
         _show(status, opts, out)
         while opts.watch is not None:
             time.sleep(opts.watch)
@@ -228,9 +287,9 @@ def run_status(opts: StatusOptions, *, out: TextIO | None = None) -> int:
             _show(status, opts, out)
         return 0
     except KeyboardInterrupt:
-        if opts.watch is None:
+        if opts.watch is None and opts.serve is None:
             raise
-        return 0  # Ctrl-C (or SIGTERM) is how --watch ends
+        return 0  # Ctrl-C (or SIGTERM) is how --watch and --serve end
     finally:
         stop_dht(dht)
         scratch.cleanup()

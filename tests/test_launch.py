@@ -21,7 +21,7 @@ ARGS = ["--peers", "2", "--data", "default", "--model", "micro", "--max-steps", 
 
 
 def _rounds(path) -> list[dict]:
-    return [r for r in read_metrics(path) if "round" in r]
+    return [r for r in read_metrics(path) if "outcome" in r]  # round records
 
 
 @pytest.mark.slow

@@ -163,7 +163,8 @@ def test_json_lists_the_live_peer(live_run, status):
     assert status["run_id"] == RUN
     [row] = status["peers"]
     assert set(row) == {"peer_id", "stage", "round", "step", "tokens", "tokens_per_s", "loss", "val_ppl", "device",
-                        "version", "last_seen_s", "client_mode"}
+                        "version", "last_seen_s", "client_mode", "theta_hash", "last_round"}
+    assert isinstance(status["leaderboard"], list) and isinstance(status["theta_agreement"], dict)
     assert row["peer_id"] == live_run["peer_id"] and row["device"] == "cpu" and row["version"] == "0.1.0"
     assert row["last_seen_s"] < 15 and row["client_mode"] is False
     assert status["total_tokens_per_s"] == pytest.approx(row["tokens_per_s"], abs=0.1)
@@ -304,6 +305,37 @@ def test_render_rows_and_totals():
     empty["peers"], empty["rejected_records"], empty["rejected_reasons"] = [], 3, {"heartbeat: schema": 3}
     text = render(empty)
     assert "no live peers" in text and "dropped 3 invalid records: heartbeat: schema (3)" in text
+
+
+def test_render_theta_agreement_and_leaderboard():
+    status = _status(theta_hash="1a2b3c4d5e6f7a8b")
+    status["theta_agreement"] = {"1a2b3c4d5e6f7a8b": 1}
+    now = time.time()
+    status["leaderboard"] = [
+        dict(peer_id="QmZwA7hXFpweo4o6g76bhKNrueWevg1k1BVW7R4UUZ32Kg", tokens=123456, rounds=9, rounds_averaged=8,
+             live=True, first_seen=now - 600, last_update=now),
+        dict(peer_id="QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", tokens=4096, rounds=2, rounds_averaged=2,
+             live=False, first_seen=now - 900, last_update=now - 300)]
+    text = render(status)
+    assert "theta: the peers at the newest round agree (1 on 1a2b3c4d5e6f)" in text
+    board = text[text.index("CONTRIBUTIONS"):].splitlines()
+    assert re.match(r"PEER\s+TOKENS\s+ROUNDS\s+AVERAGED", board[1])
+    assert re.search(r"QmZw\.\.UZ32Kg\s+123,456\s+9\s+8\s+live", board[2])
+    assert re.search(r"QmYy\.\.Wjhx5N\s+4,096\s+2\s+2\s+left 5m ago", board[3])
+    status["theta_agreement"] = {"1a2b3c4d5e6f7a8b": 2, "ffffffffffffffff": 1}
+    assert "the swarm holds 2 different models: 1a2b3c4d5e6f (2), ffffffffffff (1)" in render(status)
+
+
+def test_theta_agreement_counts_the_peers_at_the_newest_round():
+    from photon_p2p.status import theta_agreement
+
+    def peer(round_, stage, h):
+        return dict(round=round_, stage=stage, theta_hash=h)
+
+    peers = [peer(5, "training", "aa" * 8), peer(5, "ready", "aa" * 8), peer(4, "averaging", "bb" * 8),
+             peer(9, "syncing", "cc" * 8), peer(5, "averaging", "dd" * 8)]
+    assert theta_agreement(peers) == {"aa" * 8: 2, "dd" * 8: 1}
+    assert theta_agreement([peer(0, "starting", "aa" * 8)]) == {}
 
 
 def test_small_formatters():

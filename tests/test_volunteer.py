@@ -6,16 +6,20 @@ budget, a smaller batch, another learning rate and DiLoCo's Nesterov outer optim
 threads, checkpoint and metrics files), in a directory that holds no tokenizer file. Proves that the volunteer
 trains with the creator's tokenizer (same fingerprint, from the manifest's bytes), model and recipe, averages its
 rounds with the creator and ends each of them with the same theta (a round that failed on one side is carried over,
-never dropped), and that its checkpoint records the run's settings.
+never dropped), and that its checkpoint records the run's settings. Both peers write per-step metrics records in
+swarm mode (and TensorBoard files under DIR/RUN_ID/PEER), and after both have left, ``photon-status --json`` still
+lists each one's signed contribution (rounds, rounds averaged, tokens that entered theta), matching their own round
+records.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
-from tests.helpers.peers import finish, rounds, start_bootstrap
+from tests.helpers.peers import finish, records, rounds, start_bootstrap
 from tests.helpers.procs import LOOPBACK, console
 from tests.helpers.swarm import run_cli, write_corpus
 
@@ -34,6 +38,7 @@ def test_volunteer_gets_model_tokenizer_and_recipe_from_the_manifest(procs, tmp_
     assert made.returncode == 0, made.stderr
     entry = start_bootstrap(procs)
     per_peer = ["--host-maddrs", LOOPBACK, "--threads", "1", "--no-progress", "--metrics-file", "metrics.jsonl",
+                "--log-every", "2", "--tensorboard-dir", str(tmp_path / "tb"),
                 "--checkpoint-dir", "ckpt", "--min-group-size", "2", "--eval-every", "0", "--eval-batches", "2"]
     creator = procs.start(console("photon-peer") + [
         "--initial-peers", entry, "--run-id", "vol", "--data", str(creator_data), "--tokenizer", str(tok),
@@ -63,6 +68,27 @@ def test_volunteer_gets_model_tokenizer_and_recipe_from_the_manifest(procs, tmp_
     assert together, f"the volunteer never averaged a whole round with the creator:\n{rv}\n{rc}"
     for r in together:
         assert rv[r]["theta_hash"] == rc[r]["theta_hash"], f"round {r}: different theta\n{rv[r]}\n{rc[r]}"
+
+    for p in (creator, volunteer):  # per-step records in swarm mode, every --log-every steps
+        steps = [r for r in records(p) if r.get("kind") == "step"]
+        assert steps and all(r["step"] % 2 == 0 for r in steps), steps
+        for r in steps:
+            assert 0 <= r["round"] <= 5 and math.isfinite(r["loss"]) and r["lr"] > 0 and r["tokens_per_s"] > 0, r
+            assert r["grad_norm"] > 0 and r["peak_mem_mb"] > 0 and r["mfu"] is None, r  # no known peak on a CPU
+
+    # TensorBoard: one writer per peer, grouped under the run id
+    writers = sorted(p.name for p in (tmp_path / "tb" / "vol").iterdir())
+    assert len(writers) == 2 and all(w.startswith("peer-") for w in writers), writers
+
+    # the leaderboard outlives the peers (signed records kept for days; heartbeats expire in seconds)
+    status = run_cli(console("photon-status") + ["--initial-peers", entry, "--run-id", "vol", "--json"], tmp_path)
+    assert status.returncode == 0, status.stderr
+    board = json.loads(status.stdout)["leaderboard"]
+    assert len(board) == 2 and all(row["rounds"] == 6 and not row["live"] for row in board), board
+    claimed = sorted((row["tokens"], row["rounds_averaged"]) for row in board)
+    reported = sorted((sum(r["tokens_in_theta"] for r in rs.values()),
+                       sum(r["outcome"] == "averaged" for r in rs.values())) for rs in (rc, rv))
+    assert claimed == reported and min(claimed)[0] > 0, (board, reported)
 
     ckpt = load_checkpoint(latest_checkpoint(volunteer.dir / "ckpt"))
     assert ckpt.meta["tokenizer"] == load_tokenizer(str(tok)).fingerprint

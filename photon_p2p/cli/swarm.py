@@ -113,7 +113,7 @@ class Display:
         )
 
     def record(self, peer: Any, rec: dict[str, Any]) -> None:
-        if "round" not in rec:
+        if "outcome" not in rec:  # only round records ('step' and 'eval' records carry a round number too)
             return
         previous = self.last.get(peer.name, {})
         self.last[peer.name] = {**previous, **{k: v for k, v in rec.items() if v is not None}}

@@ -16,17 +16,49 @@ from photon_p2p import __version__
 from photon_p2p.swarm.dht import DHTCalls
 from photon_p2p.swarm.identity import Identity
 from photon_p2p.swarm.manifest import RunManifest, announce_run, publish
-from photon_p2p.swarm.records import Heartbeat, RecordRejected, RejectCounter, open_record, sign_record
+from photon_p2p.swarm.records import (
+    Contribution,
+    Heartbeat,
+    RecordRejected,
+    RejectCounter,
+    open_record,
+    sign_record,
+)
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_PERIOD = 3.0
 HEARTBEAT_TTL = 12.0  # a peer that stops beating disappears from everyone's view within this many seconds
-REPUBLISH_EVERY = 10  # heartbeats between manifest / run-list refreshes
+REPUBLISH_EVERY = 10  # heartbeats between manifest / run-list / contribution refreshes
+CONTRIBUTION_TTL = 7 * 24 * 3600.0  # the leaderboard remembers a peer for a week after its last round
 
 
 def heartbeat_key(run_id: str) -> str:
     return f"photon.{run_id}.peers"
+
+
+def contribution_key(run_id: str) -> str:
+    return f"photon.{run_id}.contributions"
+
+
+def read_contributions(calls: DHTCalls, run_id: str, rejects: RejectCounter) -> dict[str, Contribution]:
+    """Every peer's signed contribution record (the leaderboard), by peer ID; invalid ones dropped and counted."""
+    found = calls.get(contribution_key(run_id), latest=True)
+    entries = found.value if found is not None and isinstance(found.value, dict) else {}
+    out: dict[str, Contribution] = {}
+    for subkey, item in entries.items():
+        if not isinstance(subkey, str):
+            rejects.add("contribution", "subkey is not a peer ID")
+            continue
+        try:
+            rec, _ = open_record(getattr(item, "value", None), Contribution, signer=subkey)
+            if rec.peer_id != subkey or rec.run_id != run_id:
+                raise RecordRejected("peer or run id does not match its key")
+        except RecordRejected as e:
+            rejects.add("contribution", e.reason)
+            continue
+        out[subkey] = rec
+    return out
 
 
 def read_heartbeats(calls: DHTCalls, run_id: str, rejects: RejectCounter, *,
@@ -69,6 +101,8 @@ class HeartbeatPublisher:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="photon-heartbeat", daemon=True)
         self.failures = 0
+        self._contribution: dict[str, Any] | None = None  # set by contribute(); published with the heartbeats
+        self._contribution_dirty = False
 
     def start(self) -> HeartbeatPublisher:
         self._thread.start()
@@ -79,6 +113,29 @@ class HeartbeatPublisher:
             self._fields.update(fields)
         if publish_now:
             self._wake.set()
+
+    def contribute(self, *, tokens: int, rounds: int, rounds_averaged: int, first_seen: float) -> None:
+        """This peer's running totals (the leaderboard entry); published by the heartbeat thread."""
+        with self._lock:
+            self._contribution = dict(tokens=tokens, rounds=rounds, rounds_averaged=rounds_averaged,
+                                      first_seen=first_seen)
+            self._contribution_dirty = True
+        self._wake.set()
+
+    def publish_contribution(self, timeout: float = 10.0) -> bool:
+        from hivemind.utils.timed_storage import get_dht_time
+
+        with self._lock:
+            fields, self._contribution_dirty = self._contribution, False
+        if fields is None:
+            return False
+        rec = Contribution(peer_id=self._static["peer_id"], run_id=self._static["run_id"], **fields, time=time.time())
+        try:
+            return self.calls.store(contribution_key(rec.run_id), sign_record(rec, self.identity),
+                                    get_dht_time() + CONTRIBUTION_TTL, subkey=rec.peer_id, timeout=timeout)
+        except Exception as e:
+            logger.debug("contribution not published: %r", e)
+            return False
 
     def _record(self) -> Heartbeat:
         with self._lock:
@@ -100,6 +157,8 @@ class HeartbeatPublisher:
         beats = 0
         while not self._stop.is_set():
             self.publish_once()
+            if self._contribution_dirty or beats % REPUBLISH_EVERY == 0:
+                self.publish_contribution()
             if beats % REPUBLISH_EVERY == 0:
                 try:
                     publish(self.calls, self.run)
@@ -119,4 +178,6 @@ class HeartbeatPublisher:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self.update(stage="left")
+        if self._contribution_dirty:
+            self.publish_contribution(timeout=3.0)
         self.publish_once(ttl=self.ttl, timeout=3.0)  # a goodbye is a courtesy: never hold up the exit for it

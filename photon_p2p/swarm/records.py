@@ -46,6 +46,22 @@ class Strict(BaseModel):
         return value
 
 
+Seconds = Annotated[float, Field(ge=0, le=1e7)]
+
+
+class LastRound(Strict):
+    """How this peer's last round went, for dashboards: where its time went and what came of it."""
+
+    round: NonNegInt
+    outcome: Annotated[str, Field(max_length=16)]
+    tokens: NonNegInt  # this peer's tokens that entered theta
+    train_s: Seconds
+    matchmaking_s: Seconds
+    allreduce_s: Seconds
+    loss: float | None = None
+    val_ppl: float | None = None
+
+
 class Heartbeat(Strict):
     """A peer's progress, republished every few seconds with a short expiry (so a dead peer disappears)."""
 
@@ -65,6 +81,21 @@ class Heartbeat(Strict):
     version: Annotated[str, Field(max_length=32)]
     client_mode: bool = False
     maddrs: Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=8)] = []
+    last_round: LastRound | None = None
+    time: float
+
+
+class Contribution(Strict):
+    """What a peer has given the run so far, kept in the DHT for days (unlike heartbeats) so the leaderboard
+    remembers peers that left. Signed by the peer, so nobody can write another's entry; the figures are the peer's
+    own claim (a peer can only inflate its own line, which the leaderboard shows as such)."""
+
+    peer_id: PeerIdStr
+    run_id: ShortStr
+    tokens: NonNegInt  # tokens of this peer that entered theta
+    rounds: NonNegInt  # rounds finished (averaged, alone, late or skipped)
+    rounds_averaged: NonNegInt
+    first_seen: float
     time: float
 
 

@@ -38,16 +38,16 @@ from tqdm import tqdm
 
 from photon_p2p.config import RunConfig
 from photon_p2p.errors import SwarmError
-from photon_p2p.runtime import DeferredStop
 from photon_p2p.swarm import faults
 from photon_p2p.swarm.averager import PhotonAverager
 from photon_p2p.swarm.heartbeat import HeartbeatPublisher
 from photon_p2p.swarm.manifest import RunManifest
 from photon_p2p.swarm.records import RejectCounter, RoundGather, StateMeta
-from photon_p2p.swarm.report import RoundResult, format_round_line
+from photon_p2p.swarm.report import RoundResult
 from photon_p2p.swarm.state import DeltaGuard, compute_delta, global_norm, load_theta, theta_hash
 from photon_p2p.swarm.sync import download_state
 from photon_p2p.swarm.view import ACTIVE_STAGES, SwarmView
+from photon_p2p.train.metrics import MetricsWriter, StepStats
 from photon_p2p.train.outer import OuterOptimizer
 from photon_p2p.train.session import LocalSession
 
@@ -88,6 +88,8 @@ class RoundEngine:
         self.tokens_per_step = cfg.train.batch_size * session.seq_len
         self._speed = 0.0
         self.stop_requested = lambda: False  # set by the loop (swarm/loop.py) to its DeferredStop
+        self.metrics = MetricsWriter(None)  # the loop's writer: 'step' records every --log-every inner steps
+        self.step_stats = StepStats(session.model, session.seq_len, session.device)
 
     @property
     def tokens_per_s(self) -> float:
@@ -212,6 +214,12 @@ class RoundEngine:
                 result = s.train_step()
                 steps += 1
                 tokens += result.tokens
+                self.step_stats.add(result.tokens)
+                if s.progress.step % self.cfg.train.log_every == 0:
+                    # step = the round's first global step + this peer's inner steps so far (peers that train more
+                    # steps than the group agrees on revisit a few step numbers in the next round)
+                    self.metrics.write(self.step_stats.record(step=s.progress.step, result=result,
+                                                              tokens=s.progress.tokens, round=self.round))
                 losses.append(result.loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", refresh=False)
@@ -453,107 +461,6 @@ class RoundEngine:
             result.theta_hash, result.params = self.theta_hash, sum(t.numel() for t in self.theta)
             return result
         return self._advance(result)
-
-
-    # ------------------------------------------------------------------------------------------------------
-    # the loop: start together, catch up, rounds, evaluations, metrics, checkpoints, clean stops
-
-    def wait_for_peers(self) -> None:
-        """--wait-for-peers N: the peers of a new run start round 0 together, instead of the first one up training
-        alone (and the others downloading its solo theta) while the rest are still loading their data."""
-        sw = self.cfg.swarm
-        self.heartbeat.update(stage="ready", publish_now=True)
-        if sw.wait_for_peers <= 1 or self.round > 0:
-            return
-        deadline = time.monotonic() + sw.wait_for_peers_timeout
-        next_log = time.monotonic() + 10.0
-        while True:
-            peers = self.view.peers().values()
-            if any(v.hb.round > self.round for v in peers):
-                return  # the run is under way already: catch_up downloads its state
-            ready = 1 + sum(1 for v in peers if v.hb.round == self.round and v.hb.stage in ACTIVE_STAGES)
-            if ready >= sw.wait_for_peers:
-                logger.info("%d peers ready: starting round %d", ready, self.round)
-                return
-            if self.stop_requested():
-                raise _Leave()
-            now = time.monotonic()
-            if now >= deadline:
-                logger.warning("only %d of %d peers ready after %.0fs (--wait-for-peers-timeout): starting anyway",
-                               ready, sw.wait_for_peers, sw.wait_for_peers_timeout)
-                return
-            if now >= next_log:
-                logger.info("waiting for peers: %d of %d ready (--wait-for-peers)", ready, sw.wait_for_peers)
-                next_log = now + 10.0
-            time.sleep(0.5)
-
-    def _say_if_no_group_can_form(self) -> None:
-        peers = self.view.peers()
-        if self.averager.client_mode and peers and not self.view.reachable_peers():
-            logger.warning("every live peer of run '%s' is in --client-mode: none accepts connections, so no group "
-                           "can form and this peer trains alone until a peer without --client-mode joins",
-                           self.run.manifest.run_id)
-
-    def save(self) -> None:
-        from photon_p2p.swarm.manifest import manifest_settings
-
-        self.session.save(extra_tensors={"theta": {f"{i:05d}": t for i, t in enumerate(self.theta)},
-                                         "outer": self.outer.state},
-                          extra_state={"round": self.round, "manifest_hash": self.run.hash,
-                                       "manifest_settings": manifest_settings(self.run.manifest)})
-
-    def _evaluate(self, result: RoundResult) -> None:
-        from photon_p2p.train.solo import format_eval_line
-
-        load_theta(self.session.model, self.theta)  # evaluate the global model, not this peer's local copy
-        result.val_loss, result.val_ppl = self.session.evaluate()
-        logger.info(format_eval_line(self.global_step, self.cfg.train.max_steps, result.loss, result.val_loss,
-                                     result.val_ppl, self.tokens_per_s))
-        self.heartbeat.update(val_ppl=result.val_ppl)
-
-    def loop(self, metrics) -> dict[str, Any]:
-        """Every round until --max-steps. Ctrl-C/SIGTERM stop between rounds (or leave a round unfinished, its
-        update dropped) with a checkpoint of the last round boundary; a second Ctrl-C stops at once, unsaved."""
-        train, ck = self.cfg.train, self.cfg.checkpoint
-        last: dict[str, Any] = {}
-        stop = DeferredStop()
-        self.stop_requested = lambda: stop.requested
-        try:
-            with stop:
-                self.wait_for_peers()
-                self.catch_up("joining")
-                self._say_if_no_group_can_form()
-                while self.global_step < train.max_steps and not stop.requested:
-                    before = self.global_step
-                    result = self.run_round()
-                    step = self.global_step
-                    final = step >= train.max_steps
-                    if (train.eval_every and step // train.eval_every > before // train.eval_every) or final:
-                        self._evaluate(result)
-                    logger.info(format_round_line(result, self.tokens_per_s))
-                    last = result.record()
-                    last["tokens_per_s"] = round(self.tokens_per_s, 1)
-                    metrics.write(last)
-                    if ck.dir and (step // ck.every > before // ck.every or final):
-                        self.save()
-        except _Leave:
-            pass
-        except SwarmError:
-            if ck.dir and self.round > 0:
-                self.save()  # the state of the last round boundary: --resume continues from it
-            raise
-        except KeyboardInterrupt:
-            logger.warning("interrupted twice inside round %d: not saved (--resume continues from the last "
-                           "checkpoint)", self.round)
-            raise
-        if stop.requested:
-            if ck.dir and self.round > 0:
-                self.save()
-                logger.warning("%s at round %d: checkpoint saved (continue with --resume)", stop.name, self.round)
-            else:
-                logger.warning("%s at round %d: stopping", stop.name, self.round)
-            stop.raise_()
-        return last
 
 
 class _Leave(Exception):

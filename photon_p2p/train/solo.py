@@ -7,7 +7,6 @@ progress bar, and the evaluation line.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from tqdm import tqdm
@@ -17,7 +16,7 @@ from photon_p2p.config import RunConfig, TrainConfig
 from photon_p2p.errors import ConfigError
 from photon_p2p.runtime import DeferredStop, GracefulExit, progress_enabled
 from photon_p2p.train.checkpoint import Checkpoint, clear_checkpoints, latest_checkpoint, load_checkpoint
-from photon_p2p.train.metrics import MetricsWriter
+from photon_p2p.train.metrics import StepStats, open_metrics
 from photon_p2p.train.session import LocalSession
 
 logger = logging.getLogger(__name__)
@@ -71,22 +70,6 @@ def format_eval_line(
     )
 
 
-class Throughput:
-    """Tokens per second over the window since the last ``take()``."""
-
-    def __init__(self) -> None:
-        self._t, self._tokens = time.perf_counter(), 0
-
-    def add(self, tokens: int) -> None:
-        self._tokens += tokens
-
-    def take(self) -> float:
-        now = time.perf_counter()
-        rate = self._tokens / max(now - self._t, 1e-9)
-        self._t, self._tokens = now, 0
-        return rate
-
-
 def run_solo(cfg: RunConfig) -> dict[str, Any]:
     """Train alone to --max-steps. Returns the last evaluation and step figures.
 
@@ -99,14 +82,15 @@ def run_solo(cfg: RunConfig) -> dict[str, Any]:
     if resume is not None:
         _warn_if_schedule_changed(resume, cfg)
         session.restore(resume)
-    train, metrics = cfg.train, MetricsWriter(cfg.log.metrics_file)
+    train = cfg.train
+    metrics = open_metrics(cfg.log, group="local", name="local-only", config=cfg.to_dict())
     if session.progress.step >= train.max_steps:
         logger.info(
             "the checkpoint is at step %d, already --max-steps %d: nothing to train (raise --max-steps to continue)",
             session.progress.step,
             train.max_steps,
         )
-    speed = Throughput()
+    speed = StepStats(session.model, session.seq_len, session.device)
     last: dict[str, Any] = {}
     saved_step = session.progress.step if resume is not None else -1
     stopping = False
@@ -127,15 +111,7 @@ def run_solo(cfg: RunConfig) -> dict[str, Any]:
                 bar.update(1)
                 final = step == train.max_steps
                 if step % train.log_every == 0 or final:
-                    rate = speed.take()
-                    last = dict(
-                        step=step,
-                        loss=result.loss,
-                        lr=result.lr,
-                        tokens=session.progress.tokens,
-                        tokens_per_s=round(rate, 1),
-                        grad_norm=result.grad_norm,
-                    )
+                    last = speed.record(step=step, result=result, tokens=session.progress.tokens)
                     metrics.write(last)
                     bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", refresh=False)
                 if (train.eval_every and step % train.eval_every == 0) or final:
@@ -145,7 +121,9 @@ def run_solo(cfg: RunConfig) -> dict[str, Any]:
                             step, train.max_steps, result.loss, val_loss, val_ppl, last.get("tokens_per_s", 0.0)
                         )
                     )
-                    metrics.write(dict(step=step, val_loss=val_loss, val_ppl=val_ppl, tokens=session.progress.tokens))
+                    metrics.write(
+                        dict(kind="eval", step=step, val_loss=val_loss, val_ppl=val_ppl, tokens=session.progress.tokens)
+                    )
                     last.update(val_loss=val_loss, val_ppl=val_ppl)
                 if cfg.checkpoint.dir and (step % cfg.checkpoint.every == 0 or final):
                     session.save()

@@ -59,7 +59,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def rounds(proc: Proc) -> dict[int, dict[str, Any]]:
     """Round records by round number (the last record wins if a round was reported twice)."""
-    return {r["round"]: r for r in records(proc) if "round" in r}
+    return {r["round"]: r for r in records(proc) if "outcome" in r}  # round records (not step/eval ones)
 
 
 def wait_for_round(proc: Proc, round_: int, timeout: float) -> dict[str, Any]:
