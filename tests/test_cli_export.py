@@ -6,7 +6,8 @@ LlamaForCausalLM loads it offline and computes the logits of our model rebuilt f
 < 1e-4); the exported tokenizer loads with PreTrainedTokenizerFast and encodes text exactly as ours does, even after
 the original tokenizer file is gone; --dtype bf16 stores bf16. A missing directory, a directory without
 checkpoints, a corrupt checkpoint, a non-empty --output and a bad --dtype are each one ``error:`` line, exit 2,
-with nothing written.
+with nothing written. A swarm checkpoint exports theta (the swarm's model), or the peer's local copy with
+``--weights local``.
 """
 
 from __future__ import annotations
@@ -139,3 +140,34 @@ def test_corrupt_checkpoint(run, tmp_path):
     proc = run_cli("photon-export", [step, "-o", tmp_path / "out"], cwd=tmp_path)
     assert_one_line_error(proc, str(step), "meta.json is corrupt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no output, no partial directory
+
+
+def test_a_swarm_checkpoint_exports_theta_unless_told_local(run, tmp_path):
+    """A swarm checkpoint holds theta (the swarm's model) beside this peer's local copy: the export is theta."""
+    from safetensors.torch import load_file
+
+    from photon_p2p.train.checkpoint import save_checkpoint
+    from photon_p2p.train.export import hf_state_dict
+
+    root, _ = run
+    local = load_checkpoint(root / "ck" / "step-00000006")
+    model = our_model(local.path)
+    theta = {f"{i:05d}": p.detach() + 0.5 for i, p in enumerate(model.parameters())}
+    save_checkpoint(tmp_path / "swarm", 6, tensors={"model": local.tensors["model"], "theta": theta},
+                    state={**local.state, "round": 2}, meta=local.meta, keep=1,
+                    text_files={"tokenizer.json": (local.path / "tokenizer.json").read_text()})
+    exported = {}
+    for flags in ([], ["--weights", "local"], ["--weights", "theta"]):
+        out = tmp_path / ("out" + "-".join(flags))
+        proc = run_cli("photon-export", [tmp_path / "swarm", "-o", out, *flags], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        exported[tuple(flags)] = load_file(out / "model.safetensors")
+    with torch.no_grad():
+        want_local = hf_state_dict(model)
+        for p, t in zip(model.parameters(), theta.values(), strict=True):
+            p.copy_(t)
+        want_theta = hf_state_dict(model)
+    for flags, want in (((), want_theta), (("--weights", "theta"), want_theta), (("--weights", "local"), want_local)):
+        assert all(torch.equal(exported[flags][k], want[k]) for k in want), flags
+    proc = run_cli("photon-export", [root / "ck", "-o", tmp_path / "x", "--weights", "theta"], cwd=tmp_path)
+    assert_one_line_error(proc, "holds no swarm model (theta)")

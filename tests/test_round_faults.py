@@ -78,6 +78,8 @@ def test_ctrl_c_saves_between_rounds_and_resume_continues(procs, tmp_path):
     round_saved = max(rounds(peer)) + 1  # the round after the last one it reported
     assert saved.state["round"] == round_saved
     assert "theta" in saved.tensors
+    assert saved.state["contribution"]["rounds"] == round_saved  # the leaderboard totals survive a restart
+    _export_takes_theta_from_a_ctrl_c_checkpoint(ckpt, tmp_path, saved)
     # other settings (here --max-steps, which shapes the LR schedule) make another run: refused, naming the setting
     other = start_peer(procs, "other", run_id="stop", cache=cache, max_steps=50, extra=extra + ["--resume"])
     assert other.wait(120) == 2, other.output()[-3000:]
@@ -94,6 +96,34 @@ def test_ctrl_c_saves_between_rounds_and_resume_continues(procs, tmp_path):
     resumed.popen.send_signal(signal.SIGTERM)  # SIGTERM: the same clean stop between rounds, exit 0
     finish(resumed, 60)
     assert "checkpoint saved" in resumed.output()
+
+
+def _export_takes_theta_from_a_ctrl_c_checkpoint(ckpt, tmp_path, saved) -> None:
+    """Saved on Ctrl-C inside a round, the checkpoint's local weights are part-way through that round; photon-export
+    must write theta (the swarm's model) unless told --weights local."""
+    import torch
+    from safetensors.torch import load_file
+
+    from photon_p2p.train.checkpoint import model_from_checkpoint
+    from photon_p2p.train.export import hf_state_dict
+    from tests.helpers.procs import console
+    from tests.helpers.swarm import run_cli
+
+    def exported(*flags: str) -> dict:
+        out = tmp_path / f"export{'-'.join(flags)}"
+        done = run_cli(console("photon-export") + [str(ckpt), "--output", str(out), *flags], tmp_path)
+        assert done.returncode == 0, done.stderr
+        return load_file(out / "model.safetensors")
+
+    theta_model, local_model = model_from_checkpoint(saved, "theta"), model_from_checkpoint(saved, "local")
+    for p, t in zip(theta_model.parameters(), saved.tensors["theta"].values(), strict=True):
+        assert torch.equal(p, t)
+    default, local = exported(), exported("--weights", "local")
+    want_theta, want_local = hf_state_dict(theta_model), hf_state_dict(local_model)
+    assert all(torch.equal(default[k], want_theta[k]) for k in want_theta)
+    assert all(torch.equal(local[k], want_local[k]) for k in want_local)
+    # (whether theta and the local copy differ depends on where in the round Ctrl-C landed: a lone peer's theta
+    # equals its local model between rounds; tests/test_cli_export.py checks a checkpoint where they always differ)
 
 
 def test_a_far_future_round_claim_that_nobody_can_serve_is_ignored(procs, tmp_path):

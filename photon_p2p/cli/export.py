@@ -1,7 +1,8 @@
 """``photon-export``: turn a photon checkpoint into a Hugging Face Llama directory (weights, config and tokenizer).
 
-    photon-export runs/ckpt --output my-model                  # the latest checkpoint of a run
+    photon-export runs/ckpt --output my-model                  # the latest checkpoint: the swarm's model (theta)
     photon-export runs/ckpt/step-00000300 --output my-model --dtype bf16
+    photon-export runs/ckpt --output my-copy --weights local   # this peer's own local copy instead
     python -c "import transformers; transformers.LlamaForCausalLM.from_pretrained('my-model')"
 """
 
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="fp32", choices=DTYPES,
                         help="weight precision of the export: fp32 (exact), bf16 or fp16 (half the size) "
                              "(default: fp32)")
+    parser.add_argument("--weights", default="auto", choices=("auto", "theta", "local"),
+                        help="which weights of a swarm checkpoint: theta, the swarm's model as of the last round "
+                             "boundary, or local, this peer's own copy (part-way through a round if the checkpoint "
+                             "was saved on Ctrl-C); auto takes theta when the checkpoint has it, else the local "
+                             "weights (--local-only runs have only those) (default: auto)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="debug, info, warning or error (default: info)")
     return parser
@@ -78,10 +84,12 @@ def export(args: argparse.Namespace) -> int:
     from photon_p2p.train.export import export_hf
 
     ckpt = load_checkpoint(step_dir)
-    model = model_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt, source=args.weights)
     tokenizer = tokenizer_from_checkpoint(ckpt)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    logger.info("exporting %s (step %d, %s parameters, tokenizer %s)", step_dir, ckpt.step,
+    which = "the swarm's model (theta)" if args.weights != "local" and "theta" in ckpt.tensors else \
+        "this peer's local weights"
+    logger.info("exporting %s of %s (step %d, %s parameters, tokenizer %s)", which, step_dir, ckpt.step,
                 f"{model.num_params():,}", tokenizer.name)
     export_hf(model, out, tokenizer_json=tokenizer.to_json(), eos_token=getattr(tokenizer, "eos_token", EOS_TEXT),
               dtype=dtype)

@@ -255,10 +255,20 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
 # rebuilding what a checkpoint describes (for export and inspection)
 
 
-def model_from_checkpoint(ckpt: Checkpoint):
-    """The local model of ``ckpt`` (``tensors["model"]``) rebuilt from its ``model_args``, on the CPU, in eval mode."""
+WEIGHT_SOURCES = ("auto", "theta", "local")
+
+
+def model_from_checkpoint(ckpt: Checkpoint, source: str = "auto"):
+    """The model of ``ckpt`` rebuilt from its ``model_args``, on the CPU, in eval mode.
+
+    A swarm checkpoint holds two sets of weights: ``theta`` (the swarm's model, agreed at the last round boundary)
+    and ``model`` (this peer's local copy, part-way through a round when the checkpoint was saved on Ctrl-C).
+    ``source``: "auto" (theta if the checkpoint has it, else the local weights: a --local-only run has only
+    those), "theta" (an error if absent) or "local"."""
     from photon_p2p.model import ModelArgs, Transformer
 
+    if source not in WEIGHT_SOURCES:
+        raise ValueError(f"source must be one of {WEIGHT_SOURCES}, not {source!r}")
     try:
         args = ModelArgs.from_dict(ckpt.meta["model_args"])
     except (KeyError, TypeError, ValueError) as e:
@@ -268,11 +278,25 @@ def model_from_checkpoint(ckpt: Checkpoint):
     if weights is None:
         raise CheckpointError(f"checkpoint {ckpt.path} has no model.safetensors; it was not written by photon-peer")
     model = Transformer(args)
+    theta = ckpt.tensors.get("theta")
+    if source == "theta" and theta is None:
+        raise CheckpointError(f"checkpoint {ckpt.path} holds no swarm model (theta): it was saved by a --local-only "
+                              f"run; use its local weights instead")
     try:
         model.load_state_dict(weights)
+        if theta is not None and source != "local":
+            params = list(model.parameters())
+            if len(theta) != len(params):
+                raise RuntimeError(f"theta has {len(theta)} tensors, the model {len(params)} parameters")
+            with torch.no_grad():
+                for i, p in enumerate(params):
+                    t = theta.get(f"{i:05d}")
+                    if t is None or t.shape != p.shape:
+                        raise RuntimeError(f"theta tensor {i:05d} is missing or has the wrong shape")
+                    p.copy_(t)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"checkpoint {ckpt.path}: model.safetensors does not match its model_args ({detail})"
+        raise CheckpointError(f"checkpoint {ckpt.path}: its weights do not match its model_args ({detail})"
                               ) from None
     return model.eval()
 
