@@ -8,5 +8,5 @@ if [ $# -lt 3 ]; then
 fi
 here="$(cd "$(dirname "$0")" && pwd)"
 addr="$1"; run="$2"; data="$3"; shift 3
-config="${1:-$here/cpu-volunteer.toml}"; [ $# -gt 0 ] && shift
+config="${1:-$here/workstation-volunteer.toml}"; [ $# -gt 0 ] && shift
 exec photon-peer --config "$config" --initial-peers "$addr" --run-id "$run" --data "$data" "$@"

@@ -15,3 +15,19 @@ Sub-packages, one layer each:
 """
 
 __version__ = "0.1.0"
+
+
+def _silence_bitsandbytes_kernel_notice() -> None:
+    """bitsandbytes >= 0.50 logs "Failed to load CPU gemm_4bit_forward from kernels-community" at import on every
+    CPU machine without the optional ``kernels`` package. We never use 4-bit matmuls (only 8-bit AdamW states and
+    hivemind's 8-bit compression), so the line is noise; drop exactly it, keep everything else bitsandbytes says."""
+    import logging
+
+    class _DropKernelNotice(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelNotice())
+
+
+_silence_bitsandbytes_kernel_notice()

@@ -8,7 +8,7 @@ It owns four things, each in one place:
 - **progress-bar policy**: ``progress_enabled`` (bars only on a terminal);
 - **process-group teardown**: ``signal_group`` and ``stop_group(s)``. A hivemind process leaves its DHT child, p2pd
   and torch_shm_manager behind when it is killed, so whoever starts one starts it in its own process group and
-  stops the whole group (DESIGN.md, "SIGKILL orphans").
+  stops the whole group (docs/design.md, "Traps we design around").
 
 Nothing here runs at import: handlers and filters are installed by the functions, called from ``main()``.
 """

@@ -117,6 +117,7 @@ def test_cache_hit_does_not_rebuild_and_survives_moving_the_data(tmp_path: Path,
     cache = tmp_path / "cache"
     first = prepare_dataset([str(data)], BYTE, cache_dir=str(cache), val_fraction=0.1, progress=False)
     stat = (first.path / "train.bin").stat()
+    caplog.clear()  # only what the cached calls log
     with caplog.at_level(logging.INFO, logger="photon_p2p.data.shards"):
         again = prepare_dataset([str(data)], BYTE, cache_dir=str(cache), val_fraction=0.1, progress=False)
         moved = tmp_path / "elsewhere" / "renamed.jsonl"

@@ -3,7 +3,7 @@
 ``theta`` is the list of fp32 CPU tensors of the global model, in ``model.named_parameters()`` order (tied weights
 once). The local model (on any device, any autocast) is loaded from it at the start of every round, and the
 pseudo-gradient ``delta = theta - local`` is computed back on the CPU in fp32: hivemind's averager must never see
-bf16 (DESIGN.md: bf16 + fp16 compression hangs the averager).
+bf16 (docs/design.md, "Traps we design around": bf16 + fp16 compression hangs the averager).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Real processes for swarm tests: each in its own process group and its own TMPDIR, always killed at the end.
 
-DESIGN.md: after SIGKILL a hivemind process leaves its DHT child, p2pd and socket files behind, and even a clean
-shutdown leaves /tmp/hivemind-p2pclient-*.sock. So every process gets a private TMPDIR, and teardown kills whole
-process groups. ``descendants()`` snapshots a process tree so a test can check nothing outlived it.
+docs/design.md ("Traps"): after SIGKILL a hivemind process leaves its DHT child, p2pd and socket files behind, and
+even a clean shutdown leaves /tmp/hivemind-p2pclient-*.sock. So every process gets a private TMPDIR, and teardown
+kills whole process groups. ``descendants()`` snapshots a process tree so a test can check nothing outlived it.
 """
 
 from __future__ import annotations
