@@ -12,7 +12,7 @@ DEMO_DIR ?= .demo
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.photon-installed
 
-.PHONY: install browser demo test lint bench clean
+.PHONY: install browser demo test lint lint-only bench clean
 
 install: $(STAMP)
 
@@ -40,11 +40,13 @@ browser:
 		|| echo "could not install chromium; the browser test will be skipped"; \
 	fi
 
-test: install browser
-	$(BIN)/ruff check photon_p2p tests bench
+test: install browser lint-only
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: install
+# the same lint in `make test` and `make lint`: ruff's rules and ruff's formatting
+lint: install lint-only
+
+lint-only:
 	$(BIN)/ruff check photon_p2p tests bench
 	$(BIN)/ruff format --check photon_p2p tests bench
 

@@ -145,8 +145,9 @@ class _Peer:
 
         quiet_hivemind("warning")
         self.rank, self.spec, self.torch = rank, spec, torch
-        self.dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{spec.address(rank)}/tcp/0"],
-                                initial_peers=initial_peers)
+        self.dht = hivemind.DHT(
+            start=True, host_maddrs=[f"/ip4/{spec.address(rank)}/tcp/0"], initial_peers=initial_peers
+        )
         bench_cls, stock_cls = _averager_classes()
         # hivemind imports bitsandbytes lazily, in the averager process, on the first 8-bit step (seconds): import
         # and run it here, before the averager forks, so it inherits it warm (as photon-peer does). Not in the
@@ -156,19 +157,38 @@ class _Peer:
         make_compression("blockwise8bit")
         from photon_p2p.swarm.averager import averager_settings
 
-        common = dict(start=True, part_size_bytes=spec.part_size_bytes, allow_state_sharing=False,
-                      **averager_settings(matchmaking_time=5.0, allreduce_timeout=spec.allreduce_timeout,
-                                          target_group_size=spec.n, min_group_size=spec.n,
-                                          chunk_timeout=spec.chunk_timeout))
-        self.averager = bench_cls([torch.zeros(s) for s in spec.shapes], [], self.dht, prefix="bench",
-                                  compression=compression_by_name("none"), get_state_meta=dict, **common)
-        self.stock = stock_cls([torch.zeros(s) for s in spec.shapes], self.dht, prefix="benchstock", **common) \
-            if spec.stock else None
+        common = dict(
+            start=True,
+            part_size_bytes=spec.part_size_bytes,
+            allow_state_sharing=False,
+            **averager_settings(
+                matchmaking_time=5.0,
+                allreduce_timeout=spec.allreduce_timeout,
+                target_group_size=spec.n,
+                min_group_size=spec.n,
+                chunk_timeout=spec.chunk_timeout,
+            ),
+        )
+        self.averager = bench_cls(
+            [torch.zeros(s) for s in spec.shapes],
+            [],
+            self.dht,
+            prefix="bench",
+            compression=compression_by_name("none"),
+            get_state_meta=dict,
+            **common,
+        )
+        self.stock = (
+            stock_cls([torch.zeros(s) for s in spec.shapes], self.dht, prefix="benchstock", **common)
+            if spec.stock
+            else None
+        )
         total = sum(int(np.prod(s)) for s in spec.shapes)
         self.source = torch.randn(total, generator=torch.Generator().manual_seed(1000 + rank))
         self.offsets = np.cumsum([0] + [int(np.prod(s)) for s in spec.shapes])
-        self.sample_idx = torch.from_numpy(np.random.default_rng(0).choice(total, size=min(SAMPLES, total),
-                                                                             replace=False))
+        self.sample_idx = torch.from_numpy(
+            np.random.default_rng(0).choice(total, size=min(SAMPLES, total), replace=False)
+        )
         self.buffer = None
         self.gloo_port = gloo_port
         self.step_id = 0
@@ -178,15 +198,26 @@ class _Peer:
 
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=f"tcp://{self.spec.address(0)}:{self.gloo_port}", rank=self.rank,
-                                world_size=self.spec.n, timeout=datetime.timedelta(seconds=self.spec.allreduce_timeout))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://{self.spec.address(0)}:{self.gloo_port}",
+            rank=self.rank,
+            world_size=self.spec.n,
+            timeout=datetime.timedelta(seconds=self.spec.allreduce_timeout),
+        )
         self.buffer = self.source.clone()
 
     def info(self) -> dict[str, Any]:
-        pids = {"averager": [self.averager.pid] + ([self.stock.pid] if self.stock else []), "dht": [self.dht.pid],
-                "p2pd": [c.pid for c in psutil.Process(self.dht.pid).children(recursive=True)]}
-        return dict(maddrs=[str(m) for m in self.dht.get_visible_maddrs()], pids=pids,
-                    source_sample=self.source[self.sample_idx].numpy())
+        pids = {
+            "averager": [self.averager.pid] + ([self.stock.pid] if self.stock else []),
+            "dht": [self.dht.pid],
+            "p2pd": [c.pid for c in psutil.Process(self.dht.pid).children(recursive=True)],
+        }
+        return dict(
+            maddrs=[str(m) for m in self.dht.get_visible_maddrs()],
+            pids=pids,
+            source_sample=self.source[self.sample_idx].numpy(),
+        )
 
     def _load_inputs(self, tensors: Sequence[Any]) -> None:
         for t, a, b in zip(tensors, self.offsets[:-1], self.offsets[1:], strict=True):
@@ -195,8 +226,9 @@ class _Peer:
     def _sample(self, tensors: Sequence[Any]) -> np.ndarray:
         idx = self.sample_idx.numpy()
         which = np.searchsorted(self.offsets, idx, side="right") - 1
-        return np.array([float(tensors[w].view(-1)[i - self.offsets[w]]) for w, i in zip(which, idx, strict=True)],
-                        dtype=np.float32)
+        return np.array(
+            [float(tensors[w].view(-1)[i - self.offsets[w]]) for w, i in zip(which, idx, strict=True)], dtype=np.float32
+        )
 
     def hivemind(self, gate: Any, unmatched: Any, method: str, settings: dict[str, Any]) -> dict[str, Any]:
         from hivemind.averaging.control import AveragingStage
@@ -213,8 +245,9 @@ class _Peer:
             self._load_inputs(tensors[: len(self.spec.shapes)])
         gather = RoundGather(round=self.step_id, theta_hash="bench", tokens=1, steps=1).model_dump()
         _gate(gate)  # parent: snapshot before matchmaking
-        control = averager.step(gather=gather, weight=1.0, wait=False, require_trigger=True,
-                                timeout=self.spec.match_timeout)
+        control = averager.step(
+            gather=gather, weight=1.0, wait=False, require_trigger=True, timeout=self.spec.match_timeout
+        )
         try:
             while control.stage != AveragingStage.AWAITING_TRIGGER and not control.done():
                 time.sleep(0.001)
@@ -237,8 +270,13 @@ class _Peer:
             sample = self._sample(tensors[: len(self.spec.shapes)])
         if stock:
             return dict(seconds=seconds, sample=sample)
-        return dict(seconds=seconds, sample=sample, bytes_sent=result["bytes_sent"],
-                    bytes_received=result["bytes_received"], lost_fraction=result["lost_fraction"])
+        return dict(
+            seconds=seconds,
+            sample=sample,
+            bytes_sent=result["bytes_sent"],
+            bytes_received=result["bytes_received"],
+            lost_fraction=result["lost_fraction"],
+        )
 
     def gloo(self, gate: Any) -> dict[str, Any]:
         import torch.distributed as dist
@@ -269,8 +307,9 @@ def _gate(gate: Any) -> None:
     gate.wait(GATE_TIMEOUT)
 
 
-def _peer_main(rank: int, spec: SwarmSpec, conn: Any, gate: Any, unmatched: Any, initial_peers: list[str],
-               gloo_port: int | None) -> None:
+def _peer_main(
+    rank: int, spec: SwarmSpec, conn: Any, gate: Any, unmatched: Any, initial_peers: list[str], gloo_port: int | None
+) -> None:
     if spec.hosts:  # first thing: everything this peer starts (DHT, p2pd, averager, gloo) lives on its host
         spec.hosts[rank].enter()
         os.environ["GLOO_SOCKET_IFNAME"] = spec.hosts[rank].ifname
@@ -327,8 +366,12 @@ def _tcp_received_by_socket(ports: set[int], netns: Sequence[str] = ()) -> dict[
     """bytes_received of every established TCP socket with one end on one of ``ports`` (both ends are ours), in
     this network namespace or in each of ``netns``."""
     ss = ["ss", "-tinH", "state", "established"]
-    out = "".join(subprocess.run(["ip", "netns", "exec", ns, *ss] if ns else ss, capture_output=True, text=True,
-                                 check=True).stdout for ns in (netns or [""]))
+    out = "".join(
+        subprocess.run(
+            ["ip", "netns", "exec", ns, *ss] if ns else ss, capture_output=True, text=True, check=True
+        ).stdout
+        for ns in (netns or [""])
+    )
     counts, key = {}, None
     for line in out.splitlines():
         if not line.startswith(("\t", " ")):
@@ -365,8 +408,12 @@ class Swarm:
             initial: list[str] = []
             for rank in range(spec.n):
                 parent_conn, child_conn = ctx.Pipe()
-                proc = ctx.Process(target=_peer_main, name=f"bench-peer-{rank}", daemon=False,
-                                   args=(rank, spec, child_conn, self.gate, self.unmatched, initial, gloo_port))
+                proc = ctx.Process(
+                    target=_peer_main,
+                    name=f"bench-peer-{rank}",
+                    daemon=False,
+                    args=(rank, spec, child_conn, self.gate, self.unmatched, initial, gloo_port),
+                )
                 proc.start()
                 child_conn.close()
                 self.procs.append(proc)
@@ -427,8 +474,10 @@ class Swarm:
             available.append(psutil.virtual_memory().available)
             self._parent_gate()
         except threading.BrokenBarrierError:  # some peer failed before the all-reduce and aborted the gate
-            replies = [self.conns[r].recv() if self.conns[r].poll(self.spec.allreduce_timeout) else ("failed", "?")
-                       for r in range(self.spec.n)]
+            replies = [
+                self.conns[r].recv() if self.conns[r].poll(self.spec.allreduce_timeout) else ("failed", "?")
+                for r in range(self.spec.n)
+            ]
             self.gate.reset()
             return OpResult(method=method, ok=False, error="; ".join(str(p) for kind, p in replies if kind != "ok"))
         replies = []
@@ -439,8 +488,12 @@ class Swarm:
                     raise RuntimeError(f"peer {rank} died")
             replies.append(conn.recv())
         wire2, cpu2 = _tcp_received_by_socket(self.ports, self.netns), self._cpu()
-        result = OpResult(method=method, ok=True, min_available_gib=min(available) / 2**30,
-                          cpu_s={k: round(cpu2[k] - cpu1[k], 3) for k in cpu2})
+        result = OpResult(
+            method=method,
+            ok=True,
+            min_available_gib=min(available) / 2**30,
+            cpu_s={k: round(cpu2[k] - cpu1[k], 3) for k in cpu2},
+        )
         failures = [str(payload) for kind, payload in replies if kind != "ok"]
         if failures:
             self.gate.reset()  # a peer that failed after the gates aborted it
@@ -458,11 +511,16 @@ class Swarm:
                 result.bytes_received = [o["bytes_received"] for o in outs]
                 result.lost_fraction = max(o["lost_fraction"] for o in outs)
         tolerance = TOLERANCE.get(method, TOLERANCE["none"])
-        if result.max_error > tolerance or (method not in ("stock",) and not result.identical) \
-                or result.lost_fraction > 0:
+        if (
+            result.max_error > tolerance
+            or (method not in ("stock",) and not result.identical)
+            or result.lost_fraction > 0
+        ):
             result.ok = False
-            result.error = (f"wrong result: max error {result.max_error:.3g} (tolerance {tolerance}), identical "
-                            f"across peers: {result.identical}, lost fraction {result.lost_fraction}")
+            result.error = (
+                f"wrong result: max error {result.max_error:.3g} (tolerance {tolerance}), identical "
+                f"across peers: {result.identical}, lost fraction {result.lost_fraction}"
+            )
         return result
 
     def close(self) -> None:
@@ -492,9 +550,14 @@ def machine_info() -> dict[str, Any]:
     import hivemind
     import torch
 
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "hivemind": hivemind.__version__, "cpu_count": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "hivemind": hivemind.__version__,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    }
 
 
 def load_average() -> list[float]:

@@ -51,30 +51,51 @@ TARGETS = {"none": 1.5, "blockwise8bit": 1.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sizes", default="10M,100M", help="fp32 values per peer, comma-separated (default: 10M,100M)")
     p.add_argument("--peers", default="2,4", help="group sizes, comma-separated (default: 2,4)")
-    p.add_argument("--compressions", default="none,blockwise8bit,fp16",
-                   help=f"averager compressions, comma-separated, from {', '.join(COMPRESSIONS)} "
-                        "(default: none,blockwise8bit,fp16)")
+    p.add_argument(
+        "--compressions",
+        default="none,blockwise8bit,fp16",
+        help=f"averager compressions, comma-separated, from {', '.join(COMPRESSIONS)} "
+        "(default: none,blockwise8bit,fp16)",
+    )
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of every method (default: 5)")
     p.add_argument("--quick", action="store_true", help="smoke run: --sizes 1M --peers 2 --reps 2 unless given")
-    p.add_argument("--stock", action="store_true",
-                   help="also time hivemind's own DecentralizedAverager, uncompressed (method 'stock'), to see what "
-                        "our runner's extra work costs")
-    p.add_argument("--part-size-kib", type=int, default=512,
-                   help="averager part_size_bytes in KiB (default: 512, hivemind's and photon-peer's)")
-    p.add_argument("--prefetch", type=int, default=None,
-                   help="parts (de)serialised ahead per stream (default: hivemind's 1)")
-    p.add_argument("--budget-s", type=float, default=900.0,
-                   help="per configuration, fewer reps (at least 3) if the warm-up says they would take longer "
-                        "(default: 900)")
-    p.add_argument("--rate", action="append", default=[], metavar="MBIT",
-                   help="emulated link rate in Mbit/s (both directions, every peer on its own host), comma-separated "
-                        "or repeated; every configuration runs once per rate (default: loopback)")
-    p.add_argument("--output", default=None,
-                   help=f"where to save the JSON (default: {RESULTS}; with --rate {FIELD_RESULTS})")
+    p.add_argument(
+        "--stock",
+        action="store_true",
+        help="also time hivemind's own DecentralizedAverager, uncompressed (method 'stock'), to see what "
+        "our runner's extra work costs",
+    )
+    p.add_argument(
+        "--part-size-kib",
+        type=int,
+        default=512,
+        help="averager part_size_bytes in KiB (default: 512, hivemind's and photon-peer's)",
+    )
+    p.add_argument(
+        "--prefetch", type=int, default=None, help="parts (de)serialised ahead per stream (default: hivemind's 1)"
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=900.0,
+        help="per configuration, fewer reps (at least 3) if the warm-up says they would take longer (default: 900)",
+    )
+    p.add_argument(
+        "--rate",
+        action="append",
+        default=[],
+        metavar="MBIT",
+        help="emulated link rate in Mbit/s (both directions, every peer on its own host), comma-separated "
+        "or repeated; every configuration runs once per rate (default: loopback)",
+    )
+    p.add_argument(
+        "--output", default=None, help=f"where to save the JSON (default: {RESULTS}; with --rate {FIELD_RESULTS})"
+    )
     args = p.parse_args(argv)
     given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
     if args.quick:
@@ -110,8 +131,10 @@ def run_config(size: int, n: int, args: argparse.Namespace, rate: float | None =
         settings["prefetch"] = args.prefetch
     label = f"{size_label(size)}_{n}peers{rate_label(rate)}"
     where = "loopback" if rate is None else f"{rate:g} Mbit/s links"
-    print(f"\n== {size_label(size)} fp32 values ({size * 4 / 2**20:,.0f} MiB) x {n} peers, {where}: starting peers",
-          flush=True)
+    print(
+        f"\n== {size_label(size)} fp32 values ({size * 4 / 2**20:,.0f} MiB) x {n} peers, {where}: starting peers",
+        flush=True,
+    )
     t_start = time.perf_counter()
     runs: dict[str, list] = {m: [] for m in methods}
     failures: dict[str, list[str]] = {m: [] for m in methods}
@@ -122,8 +145,9 @@ def run_config(size: int, n: int, args: argparse.Namespace, rate: float | None =
 
             testbed = stack.enter_context(FieldTestbed([HostSpec(f"peer{r}", rate_mbit=rate) for r in range(n)]))
             hosts = list(testbed.hosts.values())
-        spec = SwarmSpec(n=n, shapes=[(size,)], gloo=True, stock=args.stock,
-                         part_size_bytes=settings["part_size_bytes"], hosts=hosts)
+        spec = SwarmSpec(
+            n=n, shapes=[(size,)], gloo=True, stock=args.stock, part_size_bytes=settings["part_size_bytes"], hosts=hosts
+        )
         swarm = stack.enter_context(Swarm(spec))
         print(f"   peers up in {time.perf_counter() - t_start:.1f} s; warm-up", flush=True)
 
@@ -139,15 +163,22 @@ def run_config(size: int, n: int, args: argparse.Namespace, rate: float | None =
         t_warm = time.perf_counter()
         warm = {m: attempt(m) for m in methods}
         per_rep = time.perf_counter() - t_warm
-        print("   warm-up: " + ", ".join(f"{m} {r.time:.3f} s" for m, r in warm.items())
-              + f" ({per_rep:.0f} s with matchmaking)", flush=True)
+        print(
+            "   warm-up: "
+            + ", ".join(f"{m} {r.time:.3f} s" for m, r in warm.items())
+            + f" ({per_rep:.0f} s with matchmaking)",
+            flush=True,
+        )
         reps = args.reps
         if per_rep * reps > args.budget_s and reps > 3:
             reps = max(3, int(args.budget_s // per_rep))
-            print(f"   NOTE: {args.reps} reps would take ~{per_rep * args.reps:.0f} s (> --budget-s "
-                  f"{args.budget_s:.0f}); running {reps} reps instead", flush=True)
+            print(
+                f"   NOTE: {args.reps} reps would take ~{per_rep * args.reps:.0f} s (> --budget-s "
+                f"{args.budget_s:.0f}); running {reps} reps instead",
+                flush=True,
+            )
         for rep in range(reps):
-            order = methods[rep % len(methods):] + methods[:rep % len(methods)]
+            order = methods[rep % len(methods) :] + methods[: rep % len(methods)]
             line = []
             for method in order:
                 r = attempt(method)
@@ -155,15 +186,26 @@ def run_config(size: int, n: int, args: argparse.Namespace, rate: float | None =
                 line.append(f"{method} {r.time:.3f}")
             print(f"   rep {rep + 1}/{reps}: " + " | ".join(line) + " s", flush=True)
     gloo_median = statistics.median(r.time for r in runs["gloo"])
-    out = {"values": size, "peers": n, "rate_mbit": rate, "reps": reps, "reps_requested": args.reps,
-           "seconds_total": round(time.perf_counter() - t_start, 1), "methods": {}}
+    out = {
+        "values": size,
+        "peers": n,
+        "rate_mbit": rate,
+        "reps": reps,
+        "reps_requested": args.reps,
+        "seconds_total": round(time.perf_counter() - t_start, 1),
+        "methods": {},
+    }
     for method, rs in runs.items():
         median = statistics.median(r.time for r in rs)
-        entry = {"median_s": round(median, 5), "min_s": round(min(r.time for r in rs), 5),
-                 "reps_s": [round(r.time, 5) for r in rs],
-                 "cpu_s_median": {k: round(statistics.median(r.cpu_s[k] for r in rs), 3) for k in rs[0].cpu_s},
-                 "max_error": max(r.max_error for r in rs), "failures": failures[method],
-                 "min_available_gib": round(min(r.min_available_gib for r in rs), 2)}
+        entry = {
+            "median_s": round(median, 5),
+            "min_s": round(min(r.time for r in rs), 5),
+            "reps_s": [round(r.time, 5) for r in rs],
+            "cpu_s_median": {k: round(statistics.median(r.cpu_s[k] for r in rs), 3) for k in rs[0].cpu_s},
+            "max_error": max(r.max_error for r in rs),
+            "failures": failures[method],
+            "min_available_gib": round(min(r.min_available_gib for r in rs), 2),
+        }
         if method != "gloo":
             entry["ratio_vs_gloo"] = round(median / gloo_median, 3)
             entry["wire_bytes"] = statistics.median(r.wire_bytes for r in rs)
@@ -197,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     load_start = load_average()
     rates = args.rate or [None]
-    print(f"allreduce benchmark: sizes {', '.join(map(size_label, args.sizes))}, peers {args.peers}, "
-          f"compressions {args.compressions}, {args.reps} reps, "
-          f"{'rates ' + str(args.rate) + ' Mbit/s' if args.rate else 'loopback'}; load average {load_start}",
-          flush=True)
+    print(
+        f"allreduce benchmark: sizes {', '.join(map(size_label, args.sizes))}, peers {args.peers}, "
+        f"compressions {args.compressions}, {args.reps} reps, "
+        f"{'rates ' + str(args.rate) + ' Mbit/s' if args.rate else 'loopback'}; load average {load_start}",
+        flush=True,
+    )
     if args.rate:
         from photon_p2p.testbed import available
 
@@ -219,23 +263,35 @@ def main(argv: list[str] | None = None) -> int:
     for label, c in configs.items():
         for m in methods:
             result[f"ratio_{m}_{label}"] = c["methods"][m]["ratio_vs_gloo"]
-    result["meets_targets"] = {k: v <= TARGETS[k.split("_")[1]] for k, v in result.items()
-                               if k.split("_")[1] in TARGETS}
-    result.update({
-        "targets": {"ratio_max_" + k: v for k, v in TARGETS.items()},
-        "configs": configs,
-        "settings": {"sizes": args.sizes, "peers": args.peers, "compressions": args.compressions, "reps": args.reps,
-                     "rate_mbit": args.rate or None,
-                     "links": "loopback" if not args.rate else "photon_p2p.testbed: netns per peer, bridge, tbf rate R "
-                                                              "burst 256kb latency 200ms on both veth ends",
-                     "part_size_bytes": args.part_size_kib * 1024, "prefetch": args.prefetch, "stock": args.stock,
-                     "timed": "allow_allreduce() -> result (matchmaking done before); gloo all_reduce SUM; slowest "
-                              "peer per repetition; median over repetitions"},
-        "machine": machine_info(),
-        "load_average": {"start": load_start, "end": load_average()},
-        "elapsed_s": round(time.perf_counter() - t0, 1),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    result["meets_targets"] = {
+        k: v <= TARGETS[k.split("_")[1]] for k, v in result.items() if k.split("_")[1] in TARGETS
+    }
+    result.update(
+        {
+            "targets": {"ratio_max_" + k: v for k, v in TARGETS.items()},
+            "configs": configs,
+            "settings": {
+                "sizes": args.sizes,
+                "peers": args.peers,
+                "compressions": args.compressions,
+                "reps": args.reps,
+                "rate_mbit": args.rate or None,
+                "links": "loopback"
+                if not args.rate
+                else "photon_p2p.testbed: netns per peer, bridge, tbf rate R "
+                "burst 256kb latency 200ms on both veth ends",
+                "part_size_bytes": args.part_size_kib * 1024,
+                "prefetch": args.prefetch,
+                "stock": args.stock,
+                "timed": "allow_allreduce() -> result (matchmaking done before); gloo all_reduce SUM; slowest "
+                "peer per repetition; median over repetitions",
+            },
+            "machine": machine_info(),
+            "load_average": {"start": load_start, "end": load_average()},
+            "elapsed_s": round(time.perf_counter() - t0, 1),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
     print(f"elapsed {result['elapsed_s']:.0f} s; load average at the end {result['load_average']['end']}")
     save_json(args.output, result)
     return 0

@@ -51,15 +51,21 @@ RESULTS = Path(__file__).resolve().parent / "results" / "communication.json"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from photon_p2p.config import MODEL_PRESETS
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="tiny", choices=MODEL_PRESETS, help="model preset (default: tiny)")
-    p.add_argument("--vocab-size", type=int, default=320,
-                   help="embedding rows (default: 320, the built-in byte tokenizer's 257 padded to a multiple of 64)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=320,
+        help="embedding rows (default: 320, the built-in byte tokenizer's 257 padded to a multiple of 64)",
+    )
     p.add_argument("--peers", type=int, default=3, help="peers in the all-reduce group (default: 3)")
     p.add_argument("--local-steps", default="16,64,512", help="photon's local steps per round (default: 16,64,512)")
-    p.add_argument("--compressions", default="none,fp16,blockwise8bit",
-                   help=f"from {', '.join(COMPRESSIONS)} (default: all three)")
+    p.add_argument(
+        "--compressions", default="none,fp16,blockwise8bit", help=f"from {', '.join(COMPRESSIONS)} (default: all three)"
+    )
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step and peer (default: 16)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)")
     p.add_argument("--reps", type=int, default=3, help="all-reduces per compression, interleaved (default: 3)")
@@ -96,14 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     numel = sum(math.prod(s) for s in shapes)
     tokens_per_step = args.batch_size * seq_len
     methods = list(dict.fromkeys(["none"] + args.compressions))  # "none" is also data parallelism's all-reduce
-    print(f"communication benchmark: {args.model} ({numel:,} parameters in {len(shapes)} tensors), {args.peers} peers, "
-          f"{tokens_per_step:,} tokens per step and peer ({args.batch_size} x {seq_len}); load average "
-          f"{load_average()}", flush=True)
+    print(
+        f"communication benchmark: {args.model} ({numel:,} parameters in {len(shapes)} tensors), {args.peers} peers, "
+        f"{tokens_per_step:,} tokens per step and peer ({args.batch_size} x {seq_len}); load average "
+        f"{load_average()}",
+        flush=True,
+    )
     runs: dict[str, list] = {m: [] for m in methods}
     spec = SwarmSpec(n=args.peers, shapes=shapes, part_size_bytes=args.part_size_kib * 1024)
     with Swarm(spec) as swarm:
         for rep in range(args.reps + 1):  # rep 0 is a warm-up (bitsandbytes, first connections)
-            for method in methods[rep % len(methods):] + methods[:rep % len(methods)]:
+            for method in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
                 r = swarm.run(method)
                 if not r.ok:  # one retry: matchmaking can fail under load
                     print(f"  {method}: FAILED ({r.error}); retrying", flush=True)
@@ -113,9 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                 if rep:
                     runs[method].append(r)
             if rep:
-                print(f"  rep {rep}/{args.reps}: " + " | ".join(
-                    f"{m} {sum(runs[m][-1].bytes_sent):,} B sent, {runs[m][-1].wire_bytes_step:,} B TCP"
-                    for m in methods), flush=True)
+                print(
+                    f"  rep {rep}/{args.reps}: "
+                    + " | ".join(
+                        f"{m} {sum(runs[m][-1].bytes_sent):,} B sent, {runs[m][-1].wire_bytes_step:,} B TCP"
+                        for m in methods
+                    ),
+                    flush=True,
+                )
 
     measured = {}
     for method, rs in runs.items():
@@ -125,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         wire_step = [r.wire_bytes_step for r in rs]
         measured[method] = {
             "bytes_sent_per_peer": statistics.median(sent) / args.peers,
-            "bytes_sent_total": sent, "bytes_received_total": received,
+            "bytes_sent_total": sent,
+            "bytes_received_total": received,
             "stable": len(set(sent)) == 1 and sent == received,
             "wire_bytes_allreduce_per_peer": statistics.median(wire) / args.peers,
             "wire_bytes_step_per_peer": statistics.median(wire_step) / args.peers,
@@ -143,50 +158,77 @@ def main(argv: list[str] | None = None) -> int:
             m = measured[method]
             ideal = steps * 32 / BITS[method]
             target = 0.9 * ideal
-            entry = {"local_steps": steps, "compression": method, "bits_per_value": BITS[method],
-                     "tokens_per_step": tokens_per_step,
-                     "bytes_per_round_photon": m["bytes_sent_per_peer"], "bytes_per_step_dp": dp_step}
-            for suffix, photon_round, dp in (("", m["bytes_sent_per_peer"], dp_step),
-                                             ("_wire", m["wire_bytes_step_per_peer"], dp_step_wire)):
+            entry = {
+                "local_steps": steps,
+                "compression": method,
+                "bits_per_value": BITS[method],
+                "tokens_per_step": tokens_per_step,
+                "bytes_per_round_photon": m["bytes_sent_per_peer"],
+                "bytes_per_step_dp": dp_step,
+            }
+            for suffix, photon_round, dp in (
+                ("", m["bytes_sent_per_peer"], dp_step),
+                ("_wire", m["wire_bytes_step_per_peer"], dp_step_wire),
+            ):
                 per_token_photon = photon_round / (steps * tokens_per_step)
                 per_token_dp = dp / tokens_per_step
                 reduction = per_token_dp / per_token_photon
-                entry.update({f"bytes_per_token_photon{suffix}": round(per_token_photon, 6),
-                              f"bytes_per_token_dp{suffix}": round(per_token_dp, 6),
-                              f"reduction{suffix}": round(reduction, 3),
-                              f"meets_target{suffix}": reduction >= target,
-                              f"overhead_fraction{suffix}": round(1 - reduction / ideal, 5)})
+                entry.update(
+                    {
+                        f"bytes_per_token_photon{suffix}": round(per_token_photon, 6),
+                        f"bytes_per_token_dp{suffix}": round(per_token_dp, 6),
+                        f"reduction{suffix}": round(reduction, 3),
+                        f"meets_target{suffix}": reduction >= target,
+                        f"overhead_fraction{suffix}": round(1 - reduction / ideal, 5),
+                    }
+                )
             entry["target"] = round(target, 3)
             configs[f"{method}_{steps}steps"] = entry
 
     print(f"\nper all-reduce of {numel:,} values among {args.peers} peers, per peer (median of {args.reps}):")
-    print(f"  {'method':<14} {'averager B':>12} {'ideal B':>12} {'framing':>8} {'TCP B (a-r)':>12} "
-          f"{'TCP B (step)':>12} {'stable':>6}")
+    print(
+        f"  {'method':<14} {'averager B':>12} {'ideal B':>12} {'framing':>8} {'TCP B (a-r)':>12} "
+        f"{'TCP B (step)':>12} {'stable':>6}"
+    )
     for method, m in measured.items():
-        print(f"  {method:<14} {m['bytes_sent_per_peer']:>12,.0f} {m['payload_bytes_per_peer_ideal']:>12,.0f} "
-              f"{m['framing_overhead_vs_ideal']:>8.2%} {m['wire_bytes_allreduce_per_peer']:>12,.0f} "
-              f"{m['wire_bytes_step_per_peer']:>12,.0f} {str(m['stable']):>6}")
+        print(
+            f"  {method:<14} {m['bytes_sent_per_peer']:>12,.0f} {m['payload_bytes_per_peer_ideal']:>12,.0f} "
+            f"{m['framing_overhead_vs_ideal']:>8.2%} {m['wire_bytes_allreduce_per_peer']:>12,.0f} "
+            f"{m['wire_bytes_step_per_peer']:>12,.0f} {str(m['stable']):>6}"
+        )
     print("  ('none' is also data parallelism's per-step all-reduce; TCP (step) includes matchmaking)")
-    head = (f"\n{'local steps':>11} {'compression':<14} {'photon B/tok':>13} {'DP B/tok':>10} {'reduction':>10} "
-            f"{'target':>8} {'met':>5} {'overhead':>9} | {'wire red.':>10} {'met':>5} {'overhead':>9}")
+    head = (
+        f"\n{'local steps':>11} {'compression':<14} {'photon B/tok':>13} {'DP B/tok':>10} {'reduction':>10} "
+        f"{'target':>8} {'met':>5} {'overhead':>9} | {'wire red.':>10} {'met':>5} {'overhead':>9}"
+    )
     print(head + "\n" + "-" * len(head))
     for c in configs.values():
-        print(f"{c['local_steps']:>11} {c['compression']:<14} {c['bytes_per_token_photon']:>13.4f} "
-              f"{c['bytes_per_token_dp']:>10.2f} {c['reduction']:>9.1f}x {c['target']:>7.1f}x "
-              f"{'yes' if c['meets_target'] else 'NO':>5} {c['overhead_fraction']:>9.2%} | "
-              f"{c['reduction_wire']:>9.1f}x {'yes' if c['meets_target_wire'] else 'NO':>5} "
-              f"{c['overhead_fraction_wire']:>9.2%}")
+        print(
+            f"{c['local_steps']:>11} {c['compression']:<14} {c['bytes_per_token_photon']:>13.4f} "
+            f"{c['bytes_per_token_dp']:>10.2f} {c['reduction']:>9.1f}x {c['target']:>7.1f}x "
+            f"{'yes' if c['meets_target'] else 'NO':>5} {c['overhead_fraction']:>9.2%} | "
+            f"{c['reduction_wire']:>9.1f}x {'yes' if c['meets_target_wire'] else 'NO':>5} "
+            f"{c['overhead_fraction_wire']:>9.2%}"
+        )
 
     result = {
         "configs": configs,
         "measured": measured,
-        "settings": {"model": args.model, "parameters": numel, "tensors": len(shapes), "vocab_size": args.vocab_size,
-                     "peers": args.peers, "batch_size": args.batch_size, "seq_len": seq_len,
-                     "tokens_per_step": tokens_per_step, "reps": args.reps,
-                     "part_size_bytes": args.part_size_kib * 1024,
-                     "bytes": "averager-counted bytes_sent per peer (serialised tensor parts after compression); "
-                              "_wire: TCP payload between the peers' p2pds, photon per whole step (matchmaking "
-                              "included), DP per all-reduce"},
+        "settings": {
+            "model": args.model,
+            "parameters": numel,
+            "tensors": len(shapes),
+            "vocab_size": args.vocab_size,
+            "peers": args.peers,
+            "batch_size": args.batch_size,
+            "seq_len": seq_len,
+            "tokens_per_step": tokens_per_step,
+            "reps": args.reps,
+            "part_size_bytes": args.part_size_kib * 1024,
+            "bytes": "averager-counted bytes_sent per peer (serialised tensor parts after compression); "
+            "_wire: TCP payload between the peers' p2pds, photon per whole step (matchmaking "
+            "included), DP per all-reduce",
+        },
         "machine": machine_info(),
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -40,16 +40,21 @@ BIN = Path(sys.executable).parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--scenario", default="uneven,join", help="comma list of: uneven, join (default: both)")
     p.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
     p.add_argument("--data", default="default", help="training text for the peers (default: Python's own sources)")
     p.add_argument("--rate", type=float, default=100.0, help="link rate of the uneven scenario's peers, Mbit/s")
     p.add_argument("--join-rate", type=float, default=50.0, help="the joining volunteer's link, Mbit/s (default 50)")
-    p.add_argument("--vocab-size", type=int, default=296_000,
-                   help="join scenario: embedding rows of the tiny model, which set the state's size (default: "
-                        "296000, 38.7M parameters: 310 MB of theta + Nesterov momentum)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=296_000,
+        help="join scenario: embedding rows of the tiny model, which set the state's size (default: "
+        "296000, 38.7M parameters: 310 MB of theta + Nesterov momentum)",
+    )
     p.add_argument("--output", type=Path, default=RESULTS, help=f"where to save the figures (default: {RESULTS})")
     return p.parse_args(argv)
 
@@ -66,8 +71,9 @@ class Fleet:
         d.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, TMPDIR=tempfile.mkdtemp(prefix=f"pf-{host[:6]}-", dir="/tmp"), PYTHONUNBUFFERED="1")
         with (d / "out.log").open("wb") as out:
-            proc = subprocess.Popen(self.tb.wrap(host, argv), cwd=d, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                self.tb.wrap(host, argv), cwd=d, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         self.procs[host] = proc
         return proc
 
@@ -83,9 +89,22 @@ class Fleet:
         raise RuntimeError(f"bootstrap did not start: {(self.workdir / host / 'out.log').read_text()[-2000:]}")
 
     def peer(self, host: str, entry: str, flags: list[str]) -> subprocess.Popen:
-        return self.start(host, [str(BIN / "photon-peer"), "--initial-peers", entry, "--host-maddrs",
-                                 self.tb.maddr(host), "--metrics-file", "metrics.jsonl", "--no-progress",
-                                 "--threads", "1", *flags])
+        return self.start(
+            host,
+            [
+                str(BIN / "photon-peer"),
+                "--initial-peers",
+                entry,
+                "--host-maddrs",
+                self.tb.maddr(host),
+                "--metrics-file",
+                "metrics.jsonl",
+                "--no-progress",
+                "--threads",
+                "1",
+                *flags,
+            ],
+        )
 
     def wait_for(self, host: str, text: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -120,25 +139,53 @@ def _swarm_figures(fleet: Fleet, names: list[str]) -> dict[str, Any]:
         wall = sum(r["train_s"] + r["matchmaking_s"] + r["allreduce_s"] + r["sync_s"] for r in recs)
         p_own = sum(r["own_tokens"] for r in recs)
         p_merged = sum(r["tokens_in_theta"] for r in recs)
-        per_peer[name] = dict(rounds=len(recs), own_tokens=p_own, tokens_in_theta=p_merged,
-                              idle_fraction=sum(r["matchmaking_s"] for r in recs) / max(wall, 1e-9),
-                              tokens_per_s=p_own / max(sum(r["train_s"] for r in recs), 1e-9),
-                              outcomes={o: sum(r["outcome"] == o for r in recs) for o in {r["outcome"] for r in recs}},
-                              val_loss=recs[-1].get("val_loss"), theta_hash=recs[-1]["theta_hash"])
+        per_peer[name] = dict(
+            rounds=len(recs),
+            own_tokens=p_own,
+            tokens_in_theta=p_merged,
+            idle_fraction=sum(r["matchmaking_s"] for r in recs) / max(wall, 1e-9),
+            tokens_per_s=p_own / max(sum(r["train_s"] for r in recs), 1e-9),
+            outcomes={o: sum(r["outcome"] == o for r in recs) for o in {r["outcome"] for r in recs}},
+            val_loss=recs[-1].get("val_loss"),
+            theta_hash=recs[-1]["theta_hash"],
+        )
         own += p_own
         merged += p_merged
         wasted += sum(r["wasted_tokens"] for r in recs)
-    return dict(peers=per_peer, wasted_fraction=1 - merged / max(own, 1), diverged_tokens=wasted,
-                one_theta=len({p["theta_hash"] for p in per_peer.values()}) == 1)
+    return dict(
+        peers=per_peer,
+        wasted_fraction=1 - merged / max(own, 1),
+        diverged_tokens=wasted,
+        one_theta=len({p["theta_hash"] for p in per_peer.values()}) == 1,
+    )
 
 
 def run_uneven(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from photon_p2p.testbed import FieldTestbed, HostSpec
 
     local_steps, rounds_ = (60, 4) if args.quick else (120, 6)
-    flags = ["--data", args.data, "--model", "micro", "--local-steps", str(local_steps), "--batch-size", "8",
-             "--max-steps", str(local_steps * rounds_), "--eval-every", "0", "--eval-batches", "32",
-             "--wait-for-peers", "3", "--run-id", "field", "--cache-dir", str(workdir / "cache")]
+    flags = [
+        "--data",
+        args.data,
+        "--model",
+        "micro",
+        "--local-steps",
+        str(local_steps),
+        "--batch-size",
+        "8",
+        "--max-steps",
+        str(local_steps * rounds_),
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "32",
+        "--wait-for-peers",
+        "3",
+        "--run-id",
+        "field",
+        "--cache-dir",
+        str(workdir / "cache"),
+    ]
     out = {}
     for label, cpus in (("even", (0.5, 0.5, 0.5)), ("uneven", (1.0, 0.5, 0.125))):
         names = [f"p{i}" for i in range(3)]
@@ -158,9 +205,15 @@ def run_uneven(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 out[label] = dict(cpus=cpus, **_swarm_figures(fleet, names))
             finally:
                 fleet.close()
-        print(f"{label}: wasted {out[label]['wasted_fraction']:.1%}; " + "; ".join(
-            f"{n} ({c} core) idle {p['idle_fraction']:.1%}, {p['tokens_per_s']:,.0f} tok/s, val loss {p['val_loss']}"
-            for (n, p), c in zip(out[label]["peers"].items(), cpus, strict=True)), flush=True)
+        print(
+            f"{label}: wasted {out[label]['wasted_fraction']:.1%}; "
+            + "; ".join(
+                f"{n} ({c} core) idle {p['idle_fraction']:.1%}, {p['tokens_per_s']:,.0f} tok/s, "
+                f"val loss {p['val_loss']}"
+                for (n, p), c in zip(out[label]["peers"].items(), cpus, strict=True)
+            ),
+            flush=True,
+        )
     even_loss = out["even"]["peers"]["p0"]["val_loss"]
     uneven_loss = out["uneven"]["peers"]["p0"]["val_loss"]
     out["val_loss_ratio_uneven_vs_even"] = uneven_loss / even_loss if even_loss and uneven_loss else None
@@ -171,11 +224,36 @@ def run_uneven(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def run_join(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from photon_p2p.testbed import FieldTestbed, HostSpec
 
-    flags = ["--data", args.data, "--model", "tiny", "--vocab-size", str(args.vocab_size), "--seq-len", "32",
-             "--batch-size", "1", "--local-steps", "160",
-             "--max-steps", "1000000", "--outer-optimizer", "nesterov", "--compression", "blockwise8bit",
-             "--eval-every", "0", "--run-id", "join", "--cache-dir", str(workdir / "cache"),
-             "--allreduce-timeout", "300", "--matchmaking-time", "10"]
+    flags = [
+        "--data",
+        args.data,
+        "--model",
+        "tiny",
+        "--vocab-size",
+        str(args.vocab_size),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "1",
+        "--local-steps",
+        "160",
+        "--max-steps",
+        "1000000",
+        "--outer-optimizer",
+        "nesterov",
+        "--compression",
+        "blockwise8bit",
+        "--eval-every",
+        "0",
+        "--run-id",
+        "join",
+        "--cache-dir",
+        str(workdir / "cache"),
+        "--allreduce-timeout",
+        "300",
+        "--matchmaking-time",
+        "10",
+    ]
     hosts = [HostSpec("boot"), HostSpec("host", 1000.0), HostSpec("volunteer", args.join_rate)]
     with FieldTestbed(hosts) as tb:
         fleet = Fleet(tb, workdir / "join")
@@ -202,12 +280,21 @@ def run_join(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     state_mb = float(m.group(1)) if m else float("nan")
     ideal_s = state_mb * 8 / args.join_rate
     join_s = (first["time"] - t0) if first else float("nan")
-    out = dict(rate_mbit=args.join_rate, state_mb=state_mb, download_s=float(m.group(2)) if m else None,
-               join_to_first_averaged_s=join_s, bytes_over_bandwidth_s=ideal_s,
-               download_multiple=(float(m.group(2)) / ideal_s) if m else None,
-               join_multiple=join_s / ideal_s, downloads=log.count("downloaded theta"))
-    print(f"join: {state_mb:.0f} MB at {args.join_rate:.0f} Mbit/s (ideal {ideal_s:.0f}s): download "
-          f"{out['download_s']}s, first averaged round after {join_s:.0f}s ({out['join_multiple']:.2f}x)", flush=True)
+    out = dict(
+        rate_mbit=args.join_rate,
+        state_mb=state_mb,
+        download_s=float(m.group(2)) if m else None,
+        join_to_first_averaged_s=join_s,
+        bytes_over_bandwidth_s=ideal_s,
+        download_multiple=(float(m.group(2)) / ideal_s) if m else None,
+        join_multiple=join_s / ideal_s,
+        downloads=log.count("downloaded theta"),
+    )
+    print(
+        f"join: {state_mb:.0f} MB at {args.join_rate:.0f} Mbit/s (ideal {ideal_s:.0f}s): download "
+        f"{out['download_s']}s, first averaged round after {join_s:.0f}s ({out['join_multiple']:.2f}x)",
+        flush=True,
+    )
     return out
 
 

@@ -38,25 +38,39 @@ RESULTS = Path(__file__).resolve().parent / "results" / "local_step.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="tiny", choices=MODEL_PRESETS, help="model preset (default: tiny)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (default: 16)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per repetition and side (default: 30)")
     p.add_argument("--reps", type=int, default=5, help="repetitions of each side, alternating (default: 5)")
-    p.add_argument("--block", type=int, default=None,
-                   help="within a rep, the sides take turns every N steps (default: 1 on CPU, where steps are "
-                        "synchronous; 10 on CUDA, so the GPU can run ahead within a block)")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="within a rep, the sides take turns every N steps (default: 1 on CPU, where steps are "
+        "synchronous; 10 on CUDA, so the GPU can run ahead within a block)",
+    )
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per side before the first rep (default: 5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice, as photon-peer); 1 is steadier on a busy machine")
-    p.add_argument("--data", nargs="+", default=["default"],
-                   help="training text (default: the Python standard library's sources)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice, as photon-peer); 1 is steadier on a busy machine",
+    )
+    p.add_argument(
+        "--data", nargs="+", default=["default"], help="training text (default: the Python standard library's sources)"
+    )
     p.add_argument("--cache-dir", default=None, help="token shard cache (default: a temporary directory)")
-    p.add_argument("--log-every", type=int, default=10,
-                   help="the photon side reads its loss every N steps, as photon-peer does by default (default: 10)")
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        help="the photon side reads its loss every N steps, as photon-peer does by default (default: 10)",
+    )
     p.add_argument("--output", default=str(RESULTS), help=f"where to save the JSON (default: {RESULTS})")
     return p.parse_args(argv)
 
@@ -89,8 +103,9 @@ class BareLoop:
         self.model = Transformer(session.model_args).to(self.device)
         ref = session.trainer.optimizer.defaults  # same AdamW flavour (fused/foreach) as the photon side
         kind = {k: ref[k] for k in ("fused", "foreach") if ref.get(k)}
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=ADAM_BETAS,
-                                           **kind)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=ADAM_BETAS, **kind
+        )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.autocast = autocast_context(self.device, cfg.precision)
         self.grad_clip = cfg.grad_clip
@@ -115,8 +130,14 @@ class BareLoop:
 
 
 def machine_info(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     if hasattr(os, "getloadavg"):  # other processes' load makes CPU figures noisy: keep it with the figures
@@ -130,13 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="photon-bench-") as scratch:
-        cfg = RunConfig.from_dict({
-            "model": {"preset": args.model, "seq_len": args.seq_len},
-            "data": {"paths": args.data, "cache_dir": args.cache_dir or scratch},
-            # a long schedule: the photon side computes a real cosine learning rate every step
-            "train": {"max_steps": 100_000, "batch_size": args.batch_size, "device": args.device},
-            "swarm": {"local_only": True},
-        }, origin="bench")
+        cfg = RunConfig.from_dict(
+            {
+                "model": {"preset": args.model, "seq_len": args.seq_len},
+                "data": {"paths": args.data, "cache_dir": args.cache_dir or scratch},
+                # a long schedule: the photon side computes a real cosine learning rate every step
+                "train": {"max_steps": 100_000, "batch_size": args.batch_size, "device": args.device},
+                "swarm": {"local_only": True},
+            },
+            origin="bench",
+        )
         session = LocalSession(cfg, progress=False)
         device = session.device
         block = args.block or (10 if device.type == "cuda" else 1)
@@ -144,14 +168,17 @@ def main(argv: list[str] | None = None) -> int:
         # the bare loop's batches: drawn in advance from the same token array by an identical sampler
         from photon_p2p.data import BatchSampler
 
-        presampler = BatchSampler(session.dataset.train, seq_len=seq_len, batch_size=args.batch_size,
-                                  seed=cfg.train.seed + 1)
+        presampler = BatchSampler(
+            session.dataset.train, seq_len=seq_len, batch_size=args.batch_size, seed=cfg.train.seed + 1
+        )
         batches = [tuple(t.to(device) for t in presampler.next_batch()) for _ in range(min(args.steps, 64))]
         bare = BareLoop(session, batches)
-        print(f"{args.model}: batch {args.batch_size} x {seq_len} tokens, vocab {session.model_args.vocab_size}, "
-              f"device {device}, optimizer {type(session.trainer.optimizer).__name__} "
-              f"{ {k: v for k, v in session.trainer.optimizer.defaults.items() if k in ('fused', 'foreach')} }",
-              flush=True)
+        print(
+            f"{args.model}: batch {args.batch_size} x {seq_len} tokens, vocab {session.model_args.vocab_size}, "
+            f"device {device}, optimizer {type(session.trainer.optimizer).__name__} "
+            f"{ {k: v for k, v in session.trainer.optimizer.defaults.items() if k in ('fused', 'foreach')} }",
+            flush=True,
+        )
 
         time_photon(session, args.warmup, args.log_every)
         bare.run(args.warmup)
@@ -171,10 +198,19 @@ def main(argv: list[str] | None = None) -> int:
                 done += n
             photon_tps = tokens_per_step * args.steps / seconds["photon"]
             bare_tps = tokens_per_step * args.steps / seconds["bare"]
-            reps.append({"photon_tokens_per_s": round(photon_tps, 1), "bare_tokens_per_s": round(bare_tps, 1),
-                         "ratio": round(photon_tps / bare_tps, 4), "first": first})
-            print(f"rep {rep + 1}/{args.reps}: photon {photon_tps:10,.0f} tok/s | bare {bare_tps:10,.0f} tok/s | "
-                  f"ratio {photon_tps / bare_tps:.3f}", flush=True)
+            reps.append(
+                {
+                    "photon_tokens_per_s": round(photon_tps, 1),
+                    "bare_tokens_per_s": round(bare_tps, 1),
+                    "ratio": round(photon_tps / bare_tps, 4),
+                    "first": first,
+                }
+            )
+            print(
+                f"rep {rep + 1}/{args.reps}: photon {photon_tps:10,.0f} tok/s | bare {bare_tps:10,.0f} tok/s | "
+                f"ratio {photon_tps / bare_tps:.3f}",
+                flush=True,
+            )
 
     # other processes only ever add time: the fastest blocks (steps, on CPU) best estimate each side's own cost
     best = {side: tokens_per_step / min(times) for side, times in blocks.items()}
@@ -184,17 +220,28 @@ def main(argv: list[str] | None = None) -> int:
         "photon_tokens_per_s": statistics.median(r["photon_tokens_per_s"] for r in reps),
         "bare_tokens_per_s": statistics.median(r["bare_tokens_per_s"] for r in reps),
         "reps": reps,
-        "config": {"model": args.model, "batch_size": args.batch_size, "seq_len": seq_len,
-                   "vocab_size": session.model_args.vocab_size, "steps": args.steps, "reps": args.reps,
-                   "warmup": args.warmup, "block": block, "threads": torch.get_num_threads(),
-                   "log_every": args.log_every, "data": args.data,
-                   "params": session.model.num_params()},
+        "config": {
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "seq_len": seq_len,
+            "vocab_size": session.model_args.vocab_size,
+            "steps": args.steps,
+            "reps": args.reps,
+            "warmup": args.warmup,
+            "block": block,
+            "threads": torch.get_num_threads(),
+            "log_every": args.log_every,
+            "data": args.data,
+            "params": session.model.num_params(),
+        },
         "machine": {**machine_info(device), "load_average_1min_at_start": load_at_start},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    print(f"median: photon {result['photon_tokens_per_s']:,.0f} tok/s, bare {result['bare_tokens_per_s']:,.0f} tok/s, "
-          f"ratio photon/bare {result['ratio']:.3f} (target >= 0.97); fastest blocks: photon {best['photon']:,.0f}, "
-          f"bare {best['bare']:,.0f} tok/s, ratio {result['ratio_best_blocks']:.3f}")
+    print(
+        f"median: photon {result['photon_tokens_per_s']:,.0f} tok/s, bare {result['bare_tokens_per_s']:,.0f} tok/s, "
+        f"ratio photon/bare {result['ratio']:.3f} (target >= 0.97); fastest blocks: photon {best['photon']:,.0f}, "
+        f"bare {best['bare']:,.0f} tok/s, ratio {result['ratio_best_blocks']:.3f}"
+    )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

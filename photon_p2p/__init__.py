@@ -1,7 +1,8 @@
 """photon-p2p: Photon-style federated LLM pre-training over a hivemind peer-to-peer swarm.
 
 Sub-packages, one layer each:
-  config.py   typed, validated configs (one per component) composed into RunConfig; TOML + flags
+  config.py   typed, validated configs (one per component) composed into RunConfig; configkit.py: how a
+              section is declared (opt, Section), type-checked from TOML and turned into flags
   errors.py   PhotonError: a user-facing problem, printed as one line by the CLIs (exit code 2)
   runtime.py  signals and clean stops, hivemind log filtering, progress bars, stopping process groups
   model.py    the decoder-only transformer and its size presets
@@ -11,6 +12,10 @@ Sub-packages, one layer each:
   peer.py     one peer's lifecycle: join -> sync -> rounds -> clean shutdown
   bootstrap.py  the bootstrap node service (a DHT node that does not train)
   status.py   what photon-status gathers from the DHT and how it shows it
+  dashboard/  the web page of photon-status --serve and photon-bootstrap --serve
+  plot.py     photon-plot's curves from metrics files
+  launch.py   photon-swarm: a bootstrap and N peers on one machine
+  testbed.py  the field testbed (network namespaces, shaped links, CPU quotas) for tests and benchmarks
   cli/        thin console entry points
 """
 

@@ -257,8 +257,10 @@ def start_dashboard(calls: Any, host: str, port: int, *, period: float) -> Any:
         return status
 
     def runs() -> list[dict[str, Any]]:
-        return [{"run_id": a.run_id, "manifest_hash": a.manifest_hash, "time": a.time}
-                for a in list_runs(calls, RejectCounter())]
+        return [
+            {"run_id": a.run_id, "manifest_hash": a.manifest_hash, "time": a.time}
+            for a in list_runs(calls, RejectCounter())
+        ]
 
     return Dashboard(snapshot, list_runs=runs, period=period).start(host, port)
 

@@ -31,89 +31,25 @@ reject the new manifest): bump PROTOCOL_VERSION in swarm/records.py with it.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import difflib
 import re
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from photon_p2p import configkit
+from photon_p2p.configkit import (  # noqa: F401 - re-exported: the rest of the code imports them from here
+    Section,
+    Shared,
+    _field_types,
+    add_section_arguments,
+    build_config,
+    opt,
+)
 from photon_p2p.errors import ConfigError
 
 # Model presets live in model.py (which imports torch); the names are repeated here so parsing flags stays cheap.
 # tests/test_model.py checks that both lists agree.
 MODEL_PRESETS = ("micro", "tiny", "125m", "350m", "1b", "3b", "7b")
-
-
-@dataclass(frozen=True)
-class Shared:
-    """Marks a config field as a run setting: part of the run manifest, identical on every peer of a run."""
-
-    ge: int | None = None  # lower bound a manifest from another peer must respect (checked when it is read)
-    resolved: str | None = None  # share this property's value (never None) instead of the raw field
-    implied_by: tuple[str, ...] = ()  # fields of the section whose explicit setting also pins this one's value
-
-
-def opt(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, metavar: str | None = None,
-        default_factory: Any = dataclasses.MISSING, cli: bool = True, shared: bool | Shared = False,
-        none_as: str | None = None) -> Any:
-    """A config field with its documentation; ``flag`` overrides the derived ``--field-name``; ``shared`` makes it
-    a run setting (see the module docstring); ``none_as`` is the word (e.g. 'auto') that stands for None in flags
-    and TOML, for an optional number whose default is chosen at run time."""
-    metadata = dict(help=help, flag=flag, metavar=metavar, cli=cli, none_as=none_as,
-                    shared=Shared() if shared is True else shared or None)
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-class Section:
-    """Base for component configs: flag naming, validation helpers, dict round trips."""
-
-    SECTION: ClassVar[str]
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:  # overridden by components
-        pass
-
-    @classmethod
-    def flag_of(cls, name: str) -> str:
-        f = next(f for f in dataclasses.fields(cls) if f.name == name)
-        return f.metadata.get("flag") or "--" + name.replace("_", "-")
-
-    def fail(self, name: str, message: str) -> typing.NoReturn:
-        """Raise a ConfigError that names both the flag and the TOML key of field ``name``."""
-        value = getattr(self, name)
-        raise ConfigError(f"{self.flag_of(name)} (TOML {self.SECTION}.{name}) = {value!r}: {message}")
-
-    def require(self, name: str, ok: bool, message: str) -> None:
-        if not ok:
-            self.fail(name, message)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[arg-type]
-
-    @classmethod
-    def shared_fields(cls) -> dict[str, Shared]:
-        """This section's run settings, in declaration order (the manifest's field order)."""
-        return {f.name: f.metadata["shared"] for f in dataclasses.fields(cls) if f.metadata.get("shared")}
-
-    @classmethod
-    def shared_types(cls) -> dict[str, Any]:
-        """The type of each run setting in the manifest: the field's, but never None where the value is resolved."""
-        hints = _field_types(cls)
-        return {name: _unwrap_optional(hints[name])[0] if spec.resolved else hints[name]
-                for name, spec in cls.shared_fields().items()}
-
-    def shared_values(self) -> dict[str, Any]:
-        """The run settings as the manifest carries them: resolved where the field says so."""
-        return {name: getattr(self, spec.resolved or name) for name, spec in self.shared_fields().items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,17 +60,25 @@ class Section:
 class ModelConfig(Section):
     SECTION: ClassVar[str] = "model"
 
-    preset: str = opt("tiny", flag="--model", metavar="PRESET",
-                      help=f"model size preset: {', '.join(MODEL_PRESETS)} (micro and tiny train on a CPU in seconds)")
+    preset: str = opt(
+        "tiny",
+        flag="--model",
+        metavar="PRESET",
+        help=f"model size preset: {', '.join(MODEL_PRESETS)} (micro and tiny train on a CPU in seconds)",
+    )
     seq_len: int | None = opt(None, metavar="N", help="tokens per training sequence (default: the preset's)")
-    vocab_size: int | None = opt(None, metavar="N",
-                                 help="embedding rows (default: the tokenizer's vocabulary rounded up to a multiple "
-                                      "of 64); must be at least the tokenizer's vocabulary")
+    vocab_size: int | None = opt(
+        None,
+        metavar="N",
+        help="embedding rows (default: the tokenizer's vocabulary rounded up to a multiple "
+        "of 64); must be at least the tokenizer's vocabulary",
+    )
     tie_embeddings: bool = opt(True, help="share the input embedding and output projection weights")
 
     def validate(self) -> None:
-        self.require("preset", self.preset in MODEL_PRESETS,
-                     f"unknown preset; choose one of {', '.join(MODEL_PRESETS)}")
+        self.require(
+            "preset", self.preset in MODEL_PRESETS, f"unknown preset; choose one of {', '.join(MODEL_PRESETS)}"
+        )
         self.require("seq_len", self.seq_len is None or self.seq_len >= 8, "must be at least 8")
         self.require("vocab_size", self.vocab_size is None or self.vocab_size >= 2, "must be at least 2")
 
@@ -143,29 +87,44 @@ class ModelConfig(Section):
 class DataConfig(Section):
     SECTION: ClassVar[str] = "data"
 
-    paths: list[str] = opt(default_factory=list, flag="--data", metavar="PATH",
-                           help="your training text: files, directories or globs (.txt, .md, .py, .rst, .jsonl with a "
-                                "'text' field, .parquet with a text column; .gz accepted). 'default' means the Python "
-                                "standard library's own sources, which exist on every machine")
-    tokenizer: str = opt("byte", metavar="FILE",
-                         help="'byte' (built-in byte-level tokenizer, no files needed) or a Hugging Face tokenizers "
-                              "JSON file, e.g. one made by photon-tokenizer")
-    val_fraction: float = opt(0.02, metavar="F",
-                              help="fraction of documents held out for validation (never trained on)")
-    cache_dir: str | None = opt(None, metavar="DIR",
-                                help="where packed token shards are cached (default: $PHOTON_CACHE_DIR or "
-                                     "~/.cache/photon-p2p/shards)")
-    partition: str | None = opt(None, flag="--data-partition", metavar="K/N",
-                                help="train only on every N-th sequence window, starting at K (0-based): disjoint "
-                                     "iid shares of one corpus for N peers, as photon-swarm --split iid does")
+    paths: list[str] = opt(
+        default_factory=list,
+        flag="--data",
+        metavar="PATH",
+        help="your training text: files, directories or globs (.txt, .md, .py, .rst, .jsonl with a "
+        "'text' field, .parquet with a text column; .gz accepted). 'default' means the Python "
+        "standard library's own sources, which exist on every machine",
+    )
+    tokenizer: str = opt(
+        "byte",
+        metavar="FILE",
+        help="'byte' (built-in byte-level tokenizer, no files needed) or a Hugging Face tokenizers "
+        "JSON file, e.g. one made by photon-tokenizer",
+    )
+    val_fraction: float = opt(
+        0.02, metavar="F", help="fraction of documents held out for validation (never trained on)"
+    )
+    cache_dir: str | None = opt(
+        None,
+        metavar="DIR",
+        help="where packed token shards are cached (default: $PHOTON_CACHE_DIR or ~/.cache/photon-p2p/shards)",
+    )
+    partition: str | None = opt(
+        None,
+        flag="--data-partition",
+        metavar="K/N",
+        help="train only on every N-th sequence window, starting at K (0-based): disjoint "
+        "iid shares of one corpus for N peers, as photon-swarm --split iid does",
+    )
 
     def validate(self) -> None:
         self.require("val_fraction", 0.0 < self.val_fraction < 0.5, "must be in (0, 0.5)")
         self.require("tokenizer", bool(self.tokenizer), "must be 'byte' or a tokenizer JSON file")
         if self.partition is not None:
             m = re.fullmatch(r"(\d+)/(\d+)", self.partition)
-            self.require("partition", bool(m) and 0 <= int(m.group(1)) < int(m.group(2)),
-                         "use K/N with 0 <= K < N, e.g. 0/3")
+            self.require(
+                "partition", bool(m) and 0 <= int(m.group(1)) < int(m.group(2)), "use K/N with 0 <= K < N, e.g. 0/3"
+            )
 
     @property
     def partition_tuple(self) -> tuple[int, int]:
@@ -182,67 +141,102 @@ class TrainConfig(Section):
 
     SECTION: ClassVar[str] = "train"
 
-    max_steps: int = opt(300, metavar="N", help="total optimizer steps (global inner steps in a swarm)",
-                         shared=Shared(ge=1))
+    max_steps: int = opt(
+        300, metavar="N", help="total optimizer steps (global inner steps in a swarm)", shared=Shared(ge=1)
+    )
     batch_size: int = opt(16, metavar="N", help="sequences per optimizer step", shared=Shared(ge=1))
-    micro_batch_size: int | None = opt(None, metavar="N|auto", none_as="auto",
-                                       help="sequences per forward/backward pass, a divisor of --batch-size; "
-                                            "gradients are accumulated up to --batch-size. auto: the largest that "
-                                            "fits in memory (the whole batch when it fits)")
+    micro_batch_size: int | None = opt(
+        None,
+        metavar="N|auto",
+        none_as="auto",
+        help="sequences per forward/backward pass, a divisor of --batch-size; "
+        "gradients are accumulated up to --batch-size. auto: the largest that "
+        "fits in memory (the whole batch when it fits)",
+    )
     lr: float = opt(1e-3, metavar="LR", help="peak learning rate of the inner AdamW", shared=True)
-    warmup_steps: int | None = opt(None, metavar="N", help="linear warm-up steps (default: 10%% of --max-steps)",
-                                   shared=Shared(ge=0, resolved="warmup"))
-    alpha_f: float = opt(0.1, metavar="F", help="the cosine schedule decays to alpha_f x peak lr (Photon: 0.1)",
-                         shared=True)
-    weight_decay: float = opt(0.1, metavar="W", help="AdamW weight decay (not applied to norms and biases)",
-                              shared=True)
-    grad_clip: float = opt(1.0, metavar="NORM", help="clip the global gradient norm to this (0 disables)",
-                           shared=True)
+    warmup_steps: int | None = opt(
+        None,
+        metavar="N",
+        help="linear warm-up steps (default: 10%% of --max-steps)",
+        shared=Shared(ge=0, resolved="warmup"),
+    )
+    alpha_f: float = opt(
+        0.1, metavar="F", help="the cosine schedule decays to alpha_f x peak lr (Photon: 0.1)", shared=True
+    )
+    weight_decay: float = opt(
+        0.1, metavar="W", help="AdamW weight decay (not applied to norms and biases)", shared=True
+    )
+    grad_clip: float = opt(1.0, metavar="NORM", help="clip the global gradient norm to this (0 disables)", shared=True)
     inner_optimizer: Literal["adamw", "adamw8bit", "auto"] = opt(
-        "auto", metavar="NAME", help="adamw (torch, fused on CUDA), adamw8bit (bitsandbytes 8-bit states: a quarter "
-                                     "of the moments' memory) or auto (adamw, or adamw8bit when memory is tight)")
-    device: str = opt("auto", metavar="DEV",
-                      help="auto (CUDA if available, then MPS, else CPU), cpu, cuda, cuda:N or mps")
-    memory_limit: float | None = opt(None, metavar="GIB",
-                                     help="plan training to fit in this many GiB of the device's memory instead of "
-                                          "what it reports free (leave room for other programs, or override a "
-                                          "cautious estimate); the plan is logged in one line at start-up")
+        "auto",
+        metavar="NAME",
+        help="adamw (torch, fused on CUDA), adamw8bit (bitsandbytes 8-bit states: a quarter "
+        "of the moments' memory) or auto (adamw, or adamw8bit when memory is tight)",
+    )
+    device: str = opt(
+        "auto", metavar="DEV", help="auto (CUDA if available, then MPS, else CPU), cpu, cuda, cuda:N or mps"
+    )
+    memory_limit: float | None = opt(
+        None,
+        metavar="GIB",
+        help="plan training to fit in this many GiB of the device's memory instead of "
+        "what it reports free (leave room for other programs, or override a "
+        "cautious estimate); the plan is logged in one line at start-up",
+    )
     activation_checkpointing: Literal["auto", "on", "off"] = opt(
-        "auto", metavar="MODE", help="recompute each block's activations in the backward pass: about a third more "
-                                     "compute for far less memory. auto: only when nothing else fits")
+        "auto",
+        metavar="MODE",
+        help="recompute each block's activations in the backward pass: about a third more "
+        "compute for far less memory. auto: only when nothing else fits",
+    )
     precision: Literal["auto", "bf16", "fp32"] = opt(
-        "auto", metavar="P", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
+        "auto", metavar="P", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32"
+    )
     compile: bool = opt(False, help="torch.compile the model (faster steps after a slow first one)")
-    threads: int | None = opt(None, metavar="N",
-                              help="CPU threads for torch (default: torch's choice). Give each peer its share of the "
-                                   "cores when several run on one machine")
+    threads: int | None = opt(
+        None,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice). Give each peer its share of the "
+        "cores when several run on one machine",
+    )
     seed: int = opt(0, metavar="N", help="seed for initialisation and data order")
     eval_every: int = opt(100, metavar="N", help="validation loss/perplexity every N steps (0: only at the end)")
     eval_batches: int = opt(16, metavar="N", help="validation batches per evaluation")
-    log_every: int = opt(10, metavar="N", help="write a 'step' metrics record (loss, lr, grad norm, tokens/s, "
-                                                    "MFU, peak memory) every N inner steps")
+    log_every: int = opt(
+        10,
+        metavar="N",
+        help="write a 'step' metrics record (loss, lr, grad norm, tokens/s, MFU, peak memory) every N inner steps",
+    )
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "eval_batches", "log_every"):
             self.require(name, getattr(self, name) >= 1, "must be at least 1")
-        self.require("micro_batch_size", self.micro_batch_size is None or
-                     (1 <= self.micro_batch_size <= self.batch_size and self.batch_size % self.micro_batch_size == 0),
-                     f"must divide --batch-size ({self.batch_size})")
+        self.require(
+            "micro_batch_size",
+            self.micro_batch_size is None
+            or (1 <= self.micro_batch_size <= self.batch_size and self.batch_size % self.micro_batch_size == 0),
+            f"must divide --batch-size ({self.batch_size})",
+        )
         self.require("lr", 0.0 < self.lr < 1.0, "must be in (0, 1)")
         self.require("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must be >= 0")
         self.require("alpha_f", 0.0 <= self.alpha_f <= 1.0, "must be in [0, 1]")
         self.require("weight_decay", self.weight_decay >= 0.0, "must be >= 0")
         self.require("grad_clip", self.grad_clip >= 0.0, "must be >= 0")
-        self.require("inner_optimizer", self.inner_optimizer in ("adamw", "adamw8bit", "auto"),
-                     "choose adamw, adamw8bit or auto")
+        self.require(
+            "inner_optimizer", self.inner_optimizer in ("adamw", "adamw8bit", "auto"), "choose adamw, adamw8bit or auto"
+        )
         self.require("memory_limit", self.memory_limit is None or self.memory_limit > 0, "must be > 0 (GiB)")
-        self.require("activation_checkpointing", self.activation_checkpointing in ("auto", "on", "off"),
-                     "choose auto, on or off")
+        self.require(
+            "activation_checkpointing", self.activation_checkpointing in ("auto", "on", "off"), "choose auto, on or off"
+        )
         self.require("precision", self.precision in ("auto", "bf16", "fp32"), "choose auto, bf16 or fp32")
         self.require("eval_every", self.eval_every >= 0, "must be >= 0")
         self.require("threads", self.threads is None or self.threads >= 1, "must be at least 1")
-        self.require("device", self.device in ("auto", "cpu", "mps") or bool(re.fullmatch(r"cuda(:\d+)?", self.device)),
-                     "choose auto, cpu, cuda or cuda:N (NVIDIA GPUs) or mps (Apple GPUs)")
+        self.require(
+            "device",
+            self.device in ("auto", "cpu", "mps") or bool(re.fullmatch(r"cuda(:\d+)?", self.device)),
+            "choose auto, cpu, cuda or cuda:N (NVIDIA GPUs) or mps (Apple GPUs)",
+        )
 
     @property
     def micro_batch(self) -> int:
@@ -258,8 +252,12 @@ class TrainConfig(Section):
 class CheckpointConfig(Section):
     SECTION: ClassVar[str] = "checkpoint"
 
-    dir: str | None = opt(None, flag="--checkpoint-dir", metavar="DIR",
-                          help="write checkpoints here (model, optimizer, sampler position, RNG, config)")
+    dir: str | None = opt(
+        None,
+        flag="--checkpoint-dir",
+        metavar="DIR",
+        help="write checkpoints here (model, optimizer, sampler position, RNG, config)",
+    )
     every: int = opt(100, flag="--checkpoint-every", metavar="N", help="checkpoint every N steps (and at the end)")
     keep: int = opt(3, flag="--keep-checkpoints", metavar="K", help="keep the last K checkpoints")
     resume: bool = opt(False, help="continue from the latest checkpoint in --checkpoint-dir")
@@ -278,26 +276,39 @@ class CheckpointConfig(Section):
 class LogConfig(Section):
     SECTION: ClassVar[str] = "log"
 
-    metrics_file: str | None = opt(None, metavar="FILE.jsonl",
-                                   help="append JSON records: one every --log-every steps (kind 'step': loss, lr, "
-                                        "grad norm, tokens/s, MFU, peak memory), one per evaluation ('eval') and, "
-                                        "in a swarm, one per round ('round')")
-    tensorboard_dir: str | None = opt(None, metavar="DIR",
-                                      help="also write the records as TensorBoard scalars under DIR/RUN_ID/PEER "
-                                           "(needs the tensorboard package: pip install 'photon-p2p[tensorboard]')")
-    wandb_project: str | None = opt(None, metavar="NAME",
-                                    help="also log the records to this Weights & Biases project, grouped by run id "
-                                         "and named by peer (needs: pip install 'photon-p2p[wandb]')")
-    wandb_mode: Literal["offline", "online"] = opt("offline", metavar="MODE",
-                                                   help="offline (default: files under ./wandb, no account or "
-                                                        "network; upload later with 'wandb sync') or online")
+    metrics_file: str | None = opt(
+        None,
+        metavar="FILE.jsonl",
+        help="append JSON records: one every --log-every steps (kind 'step': loss, lr, "
+        "grad norm, tokens/s, MFU, peak memory), one per evaluation ('eval') and, "
+        "in a swarm, one per round ('round')",
+    )
+    tensorboard_dir: str | None = opt(
+        None,
+        metavar="DIR",
+        help="also write the records as TensorBoard scalars under DIR/RUN_ID/PEER "
+        "(needs the tensorboard package: pip install 'photon-p2p[tensorboard]')",
+    )
+    wandb_project: str | None = opt(
+        None,
+        metavar="NAME",
+        help="also log the records to this Weights & Biases project, grouped by run id "
+        "and named by peer (needs: pip install 'photon-p2p[wandb]')",
+    )
+    wandb_mode: Literal["offline", "online"] = opt(
+        "offline",
+        metavar="MODE",
+        help="offline (default: files under ./wandb, no account or network; upload later with 'wandb sync') or online",
+    )
     progress: bool = opt(True, help="show progress bars (off automatically when stderr is not a terminal)")
-    log_level: Literal["debug", "info", "warning", "error"] = opt("info", metavar="LEVEL",
-                                                                  help="debug, info, warning or error")
+    log_level: Literal["debug", "info", "warning", "error"] = opt(
+        "info", metavar="LEVEL", help="debug, info, warning or error"
+    )
 
     def validate(self) -> None:
-        self.require("log_level", self.log_level in ("debug", "info", "warning", "error"),
-                     "choose debug, info, warning or error")
+        self.require(
+            "log_level", self.log_level in ("debug", "info", "warning", "error"), "choose debug, info, warning or error"
+        )
         self.require("wandb_mode", self.wandb_mode in ("offline", "online"), "choose offline or online")
 
 
@@ -310,38 +321,57 @@ class SwarmConfig(Section):
 
     SECTION: ClassVar[str] = "swarm"
 
-    initial_peers: list[str] = opt(default_factory=list, metavar="MULTIADDR",
-                                   help="multiaddrs of any live peer or bootstrap node, e.g. "
-                                        "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... (printed by photon-bootstrap and "
-                                        "by every peer)")
+    initial_peers: list[str] = opt(
+        default_factory=list,
+        metavar="MULTIADDR",
+        help="multiaddrs of any live peer or bootstrap node, e.g. "
+        "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... (printed by photon-bootstrap and "
+        "by every peer)",
+    )
     run_id: str = opt("photon", metavar="NAME", help="which run to join or start (letters, digits, '-' and '_')")
-    host_maddrs: list[str] = opt(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], metavar="MULTIADDR",
-                                 help="where to listen (default: all interfaces, a random TCP port)")
-    announce_maddrs: list[str] = opt(default_factory=list, metavar="MULTIADDR",
-                                     help="public addresses to announce when behind port forwarding")
-    identity_path: str | None = opt(None, metavar="FILE",
-                                    help="private key file: the same peer ID across restarts, and the key that signs "
-                                         "this peer's records (default: identity.key in --checkpoint-dir, else a "
-                                         "fresh key per run)")
-    client_mode: bool = opt(False, help="do not accept incoming connections (behind NAT/firewall): join through "
-                                        "relays and peers that do")
+    host_maddrs: list[str] = opt(
+        default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"],
+        metavar="MULTIADDR",
+        help="where to listen (default: all interfaces, a random TCP port)",
+    )
+    announce_maddrs: list[str] = opt(
+        default_factory=list, metavar="MULTIADDR", help="public addresses to announce when behind port forwarding"
+    )
+    identity_path: str | None = opt(
+        None,
+        metavar="FILE",
+        help="private key file: the same peer ID across restarts, and the key that signs "
+        "this peer's records (default: identity.key in --checkpoint-dir, else a "
+        "fresh key per run)",
+    )
+    client_mode: bool = opt(
+        False, help="do not accept incoming connections (behind NAT/firewall): join through relays and peers that do"
+    )
     use_auto_relay: bool = opt(False, help="look for relays to become reachable from behind NAT")
     join_timeout: float = opt(30.0, metavar="SEC", help="give up if no initial peer answers within this time")
-    join_existing: bool = opt(False, help="refuse to start a new run: fail if --run-id is not running yet (a typo "
-                                          "in the run id is then an error, not a lonely new run)")
-    local_only: bool = opt(False, help="train alone without starting a DHT node (nobody can join): the "
-                                       "centralised baseline")
-    wait_for_peers: int = opt(1, metavar="N",
-                              help="before the first round of a new run, wait until N peers (this one included) are "
-                                   "ready, so that they all start averaging from round 0 (photon-swarm sets it); no "
-                                   "wait if the run is already under way")
-    wait_for_peers_timeout: float = opt(300.0, metavar="SEC",
-                                        help="stop waiting for --wait-for-peers after this long and start with the "
-                                             "peers that are there")
+    join_existing: bool = opt(
+        False,
+        help="refuse to start a new run: fail if --run-id is not running yet (a typo "
+        "in the run id is then an error, not a lonely new run)",
+    )
+    local_only: bool = opt(
+        False, help="train alone without starting a DHT node (nobody can join): the centralised baseline"
+    )
+    wait_for_peers: int = opt(
+        1,
+        metavar="N",
+        help="before the first round of a new run, wait until N peers (this one included) are "
+        "ready, so that they all start averaging from round 0 (photon-swarm sets it); no "
+        "wait if the run is already under way",
+    )
+    wait_for_peers_timeout: float = opt(
+        300.0,
+        metavar="SEC",
+        help="stop waiting for --wait-for-peers after this long and start with the peers that are there",
+    )
 
     def validate(self) -> None:
-        self.require("run_id", bool(RUN_ID_PATTERN.match(self.run_id)),
-                     "use 1-64 letters, digits, '-' or '_'")
+        self.require("run_id", bool(RUN_ID_PATTERN.match(self.run_id)), "use 1-64 letters, digits, '-' or '_'")
         self.require("join_timeout", self.join_timeout > 0, "must be > 0")
         self.require("wait_for_peers", self.wait_for_peers >= 1, "must be >= 1")
         self.require("wait_for_peers_timeout", self.wait_for_peers_timeout > 0, "must be > 0")
@@ -357,50 +387,79 @@ class RoundConfig(Section):
 
     SECTION: ClassVar[str] = "round"
 
-    local_steps: int = opt(100, metavar="N", help="inner steps per round (communication happens once per round)",
-                           shared=Shared(ge=1))
-    round_seconds: float | None = opt(None, metavar="SEC",
-                                      help="instead of --local-steps, train as many steps as fit in this time "
-                                           "(uneven hardware finishes rounds together)", shared=True)
-    reset_inner_optimizer: bool = opt(False, help="reset the inner AdamW moments at the start of every round "
-                                                  "(Photon's reset_optimizer)", shared=True)
+    local_steps: int = opt(
+        100, metavar="N", help="inner steps per round (communication happens once per round)", shared=Shared(ge=1)
+    )
+    round_seconds: float | None = opt(
+        None,
+        metavar="SEC",
+        help="instead of --local-steps, train as many steps as fit in this time "
+        "(uneven hardware finishes rounds together)",
+        shared=True,
+    )
+    reset_inner_optimizer: bool = opt(
+        False, help="reset the inner AdamW moments at the start of every round (Photon's reset_optimizer)", shared=True
+    )
     outer_optimizer: Literal["fedavg", "nesterov", "fedadam"] = opt(
-        "fedavg", metavar="NAME", help="fedavg (plain averaging when lr=1), nesterov (DiLoCo) or fedadam",
-        shared=True)
-    outer_lr: float | None = opt(None, metavar="LR",
-                                 help="outer learning rate (default: 1.0 fedavg, 0.7 nesterov, 0.01 fedadam)",
-                                 # an explicit --outer-optimizer asks for its default lr: refused if the run's differs
-                                 shared=Shared(resolved="effective_outer_lr", implied_by=("outer_optimizer",)))
-    outer_momentum: float = opt(0.9, metavar="M", help="momentum of the nesterov outer optimizer (beta1 of fedadam)",
-                                shared=True)
+        "fedavg", metavar="NAME", help="fedavg (plain averaging when lr=1), nesterov (DiLoCo) or fedadam", shared=True
+    )
+    outer_lr: float | None = opt(
+        None,
+        metavar="LR",
+        help="outer learning rate (default: 1.0 fedavg, 0.7 nesterov, 0.01 fedadam)",
+        # an explicit --outer-optimizer asks for its default lr: refused if the run's differs
+        shared=Shared(resolved="effective_outer_lr", implied_by=("outer_optimizer",)),
+    )
+    outer_momentum: float = opt(
+        0.9, metavar="M", help="momentum of the nesterov outer optimizer (beta1 of fedadam)", shared=True
+    )
     compression: Literal["none", "fp16", "blockwise8bit"] = opt(
-        "fp16", metavar="C", help="how pseudo-gradients travel: none (fp32, bit-exact), fp16 or blockwise8bit "
-                                  "(4x fewer bytes than fp32; pays off on slow links)", shared=True)
-    target_group_size: int | None = opt(None, metavar="N",
-                                        help="largest all-reduce group (default: everyone ready for the round)")
-    min_group_size: int = opt(1, metavar="N",
-                              help="smallest group to accept; above 1 the peer waits for a quorum instead of "
-                                   "training on alone")
-    quorum_timeout: float = opt(1800.0, metavar="SEC",
-                                help="with --min-group-size above 1: stop with an error (checkpoint kept) if no "
-                                     "group that large forms within this long")
-    matchmaking_time: float = opt(10.0, metavar="SEC",
-                                  help="how long to wait for peers to finish the same round. Increase it if peers "
-                                       "on slower machines keep missing rounds")
-    allreduce_timeout: float = opt(60.0, metavar="SEC",
-                                   help="give up on an all-reduce (and exclude silent peers) after this long")
+        "fp16",
+        metavar="C",
+        help="how pseudo-gradients travel: none (fp32, bit-exact), fp16 or blockwise8bit "
+        "(4x fewer bytes than fp32; pays off on slow links)",
+        shared=True,
+    )
+    target_group_size: int | None = opt(
+        None, metavar="N", help="largest all-reduce group (default: everyone ready for the round)"
+    )
+    min_group_size: int = opt(
+        1,
+        metavar="N",
+        help="smallest group to accept; above 1 the peer waits for a quorum instead of training on alone",
+    )
+    quorum_timeout: float = opt(
+        1800.0,
+        metavar="SEC",
+        help="with --min-group-size above 1: stop with an error (checkpoint kept) if no "
+        "group that large forms within this long",
+    )
+    matchmaking_time: float = opt(
+        10.0,
+        metavar="SEC",
+        help="how long to wait for peers to finish the same round. Increase it if peers "
+        "on slower machines keep missing rounds",
+    )
+    allreduce_timeout: float = opt(
+        60.0, metavar="SEC", help="give up on an all-reduce (and exclude silent peers) after this long"
+    )
 
     def validate(self) -> None:
         self.require("local_steps", self.local_steps >= 1, "must be at least 1")
         self.require("round_seconds", self.round_seconds is None or self.round_seconds > 0, "must be > 0")
-        self.require("outer_optimizer", self.outer_optimizer in ("fedavg", "nesterov", "fedadam"),
-                     "choose fedavg, nesterov or fedadam")
+        self.require(
+            "outer_optimizer",
+            self.outer_optimizer in ("fedavg", "nesterov", "fedadam"),
+            "choose fedavg, nesterov or fedadam",
+        )
         self.require("outer_lr", self.outer_lr is None or 0 < self.outer_lr <= 10, "must be in (0, 10]")
         self.require("outer_momentum", 0 <= self.outer_momentum < 1, "must be in [0, 1)")
-        self.require("compression", self.compression in ("none", "fp16", "blockwise8bit"),
-                     "choose none, fp16 or blockwise8bit")
-        self.require("target_group_size", self.target_group_size is None or self.target_group_size >= 2,
-                     "must be at least 2")
+        self.require(
+            "compression", self.compression in ("none", "fp16", "blockwise8bit"), "choose none, fp16 or blockwise8bit"
+        )
+        self.require(
+            "target_group_size", self.target_group_size is None or self.target_group_size >= 2, "must be at least 2"
+        )
         self.require("min_group_size", self.min_group_size >= 1, "must be at least 1")
         if self.target_group_size is not None and self.min_group_size > self.target_group_size:
             self.fail("min_group_size", f"must not exceed --target-group-size ({self.target_group_size})")
@@ -415,8 +474,15 @@ class RoundConfig(Section):
         return {"fedavg": 1.0, "nesterov": 0.7, "fedadam": 0.01}[self.outer_optimizer]
 
 
-SECTIONS: tuple[type[Section], ...] = (ModelConfig, DataConfig, TrainConfig, RoundConfig, SwarmConfig,
-                                       CheckpointConfig, LogConfig)
+SECTIONS: tuple[type[Section], ...] = (
+    ModelConfig,
+    DataConfig,
+    TrainConfig,
+    RoundConfig,
+    SwarmConfig,
+    CheckpointConfig,
+    LogConfig,
+)
 
 
 @dataclass(kw_only=True)
@@ -437,169 +503,10 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, origin: str = "config") -> RunConfig:
         """Build from nested dicts (a TOML file, a checkpoint's saved config); strict about unknown keys."""
-        values = _check_nested(data, origin)
+        values = configkit.check_nested(data, origin, SECTIONS)
         return cls(**{s.SECTION: s(**values.get(s.SECTION, {})) for s in SECTIONS})
 
 
-# --------------------------------------------------------------------------------------------------------------
-# TOML and type checking
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0], True
-    return tp, False
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check one TOML value against the field's type; ints are accepted for floats."""
-    inner, optional = _unwrap_optional(tp)
-    if value is None and optional:
-        return None
-    origin = typing.get_origin(inner)
-    if origin is Literal:
-        if value not in typing.get_args(inner):
-            choices = ", ".join(map(str, typing.get_args(inner)))
-            raise ConfigError(f"{where} = {value!r}: choose one of {choices}")
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(inner)
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} = {value!r}: expected a list")
-        return [_coerce(v, item_tp, where) for v in value]
-    if inner is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} = {value!r}: expected true or false")
-        return value
-    if inner is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} = {value!r}: expected a number")
-        return float(value)
-    if inner is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} = {value!r}: expected an integer")
-        return value
-    if inner is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} = {value!r}: expected a string")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in this file, not user input
-
-
-def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(options))})"
-
-
-def _check_nested(data: dict[str, Any], origin: str,
-                  sections: tuple[type[Section], ...] = SECTIONS) -> dict[str, dict[str, Any]]:
-    by_name = {s.SECTION: s for s in sections}
-    out: dict[str, dict[str, Any]] = {}
-    for sec_name, values in data.items():
-        if sec_name not in by_name:
-            raise ConfigError(f"{origin}: unknown table [{sec_name}]{_suggest(sec_name, list(by_name))}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"{origin}: '{sec_name}' must be a table ([{sec_name}])")
-        cls = by_name[sec_name]
-        types_ = _field_types(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        known = list(fields)
-        checked = {}
-        for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"{origin}: unknown key '{sec_name}.{key}'{_suggest(name, known)}")
-            if value is not None and value == fields[name].metadata.get("none_as"):
-                value = None  # e.g. micro_batch_size = "auto"
-            checked[name] = _coerce(value, types_[name], f"{origin}: {sec_name}.{key}")
-        out[sec_name] = checked
-    return out
-
-
-def load_toml(path: str | Path, sections: tuple[type[Section], ...] = SECTIONS) -> dict[str, dict[str, Any]]:
-    """Read and type-check a TOML config file (values are validated again when the configs are built)."""
-    p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"--config {p}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--config {p}: cannot read ({e})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--config {p}: not valid TOML ({e})") from None
-    return _check_nested(raw, str(p), sections)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# command-line flags
-
-
-def add_section_arguments(parser: argparse.ArgumentParser, sections: tuple[type[Section], ...]) -> None:
-    """One argument group per component; every flag defaults to SUPPRESS so we know what the user set."""
-    for cls in sections:
-        # dataclasses invent a signature docstring for undocumented classes: show only real ones
-        doc = cls.__doc__ if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else None
-        doc = " ".join(doc.replace("``", "").split()) if doc else None
-        group = parser.add_argument_group(f"{cls.SECTION} options", doc)
-        types_ = _field_types(cls)
-        for f in dataclasses.fields(cls):
-            if not f.metadata.get("cli", True):
-                continue
-            flag = cls.flag_of(f.name)
-            tp, _ = _unwrap_optional(types_[f.name])
-            default = f.default if f.default is not dataclasses.MISSING else None
-            help_ = f.metadata["help"]
-            kwargs: dict[str, Any] = dict(dest=f"{cls.SECTION}.{f.name}", default=argparse.SUPPRESS)
-            if tp is bool:
-                kwargs["action"] = argparse.BooleanOptionalAction
-                help_ += f" (default: {'on' if default else 'off'})"
-            else:
-                origin = typing.get_origin(tp)
-                if origin is list:
-                    kwargs["nargs"] = "+"
-                    tp = typing.get_args(tp)[0]
-                elif default is not None:
-                    help_ += f" (default: {default})"
-                if origin is Literal:
-                    kwargs["choices"] = typing.get_args(tp)
-                    tp = str
-                if f.metadata.get("none_as"):
-                    help_ += f" (default: {f.metadata['none_as']})" if default is None else ""
-                    tp = _or_word(tp, f.metadata["none_as"])
-                kwargs["type"] = tp
-                kwargs["metavar"] = f.metadata.get("metavar")
-            group.add_argument(flag, help=help_, **kwargs)
-
-
-def _or_word(tp: Any, word: str) -> Any:
-    """argparse type for a field whose None is spelled ``word`` on the command line."""
-    def parse(text: str) -> Any:
-        return None if text == word else tp(text)
-
-    parse.__name__ = f"{tp.__name__} or '{word}'"  # argparse's message: "invalid int or 'auto' value: 'x'"
-    return parse
-
-
-def build_config(args: argparse.Namespace, sections: tuple[type[Section], ...], config_file: str | None,
-                 ) -> tuple[dict[str, Section], set[str]]:
-    """Merge defaults < TOML < flags and build (and so validate) each component config.
-
-    Also returns the ``section.name`` keys the user set explicitly (in the file or as flags): a swarm peer takes
-    every other shared setting from the run manifest, but refuses to silently override what the user asked for.
-    """
-    merged = load_toml(config_file, sections) if config_file else {}
-    for dest, value in vars(args).items():
-        if "." in dest:
-            sec, name = dest.split(".", 1)
-            merged.setdefault(sec, {})[name] = value
-    explicit = {f"{sec}.{name}" for sec, values in merged.items() for name in values}
-    return {cls.SECTION: cls(**merged.get(cls.SECTION, {})) for cls in sections}, explicit
+def load_toml(path: str | Path, sections: tuple[type[Section], ...] | None = None) -> dict[str, dict[str, Any]]:
+    """Read and type-check a TOML config file (by default against photon-peer's sections)."""
+    return configkit.load_toml(path, SECTIONS if sections is None else sections)

@@ -77,8 +77,9 @@ class ModelArgs:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"ModelArgs: unknown keys {', '.join(unknown)}")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.default is dataclasses.MISSING and f.name not in data)
+        missing = sorted(
+            f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in data
+        )
         if missing:
             raise ValueError(f"ModelArgs: missing keys {', '.join(missing)}")
         return cls(**data)
@@ -110,8 +111,9 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def build_model_args(preset: str, *, vocab_size: int, seq_len: int | None = None,
-                     tie_embeddings: bool = True) -> ModelArgs:
+def build_model_args(
+    preset: str, *, vocab_size: int, seq_len: int | None = None, tie_embeddings: bool = True
+) -> ModelArgs:
     """The ModelArgs of a preset; ``vocab_size`` is the final embedding row count (the caller pads it)."""
     if preset not in PRESETS:
         raise ConfigError(f"--model {preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
@@ -139,8 +141,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float,
-                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every position's rotation angles, [max_seq_len, head_dim], in fp32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
@@ -248,8 +251,9 @@ class Transformer(nn.Module):
             layer.attn_norm.weight.fill_(1.0)
             layer.mlp_norm.weight.fill_(1.0)
         self.norm.weight.fill_(1.0)
-        self.rope_cos, self.rope_sin = rope_tables(a.head_dim, a.max_seq_len, a.rope_theta,
-                                                   device=self.tok_embeddings.weight.device)
+        self.rope_cos, self.rope_sin = rope_tables(
+            a.head_dim, a.max_seq_len, a.rope_theta, device=self.tok_embeddings.weight.device
+        )
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T]; with ``targets`` the mean cross-entropy instead."""
@@ -299,5 +303,7 @@ def param_count_summary(args: ModelArgs, name: str = "model") -> str:
     """E.g. ``tiny: 1.23M parameters (0.98M non-embedding)``; counted on the meta device, so free even for 7b."""
     with torch.device("meta"):
         model = Transformer(args)
-    return (f"{name}: {_human(model.num_params())} parameters "
-            f"({_human(model.num_params(exclude_embeddings=True))} non-embedding)")
+    return (
+        f"{name}: {_human(model.num_params())} parameters "
+        f"({_human(model.num_params(exclude_embeddings=True))} non-embedding)"
+    )

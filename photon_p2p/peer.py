@@ -61,8 +61,12 @@ def _identity_path(cfg: RunConfig, scratch: Path) -> Path:
 
 def _print_join_hint(maddrs: list[str], run_id: str) -> None:
     joined = " ".join(maddrs)
-    print(f"peer is up; others can join this run with:\n  photon-peer --initial-peers {joined} --run-id {run_id} "
-          f"--data YOUR_DATA", file=sys.stderr, flush=True)
+    print(
+        f"peer is up; others can join this run with:\n  photon-peer --initial-peers {joined} --run-id {run_id} "
+        f"--data YOUR_DATA",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
@@ -86,16 +90,27 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
         resume = checkpoint_to_resume(cfg)
         proposal_tokenizer = load_tokenizer(cfg.data.tokenizer)
         proposal_args = resolve_model_args(cfg, proposal_tokenizer)
-        plan_before_fork(proposal_args, cfg.train, model_name=f"--model {cfg.model.preset}",
-                         outer_optimizer=cfg.round.outer_optimizer)  # a model too big fails before the DHT starts
+        plan_before_fork(
+            proposal_args,
+            cfg.train,
+            model_name=f"--model {cfg.model.preset}",
+            outer_optimizer=cfg.round.outer_optimizer,
+        )  # a model too big fails before the DHT starts
         identity = Identity.load_or_create(_identity_path(cfg, Path(scratch.name)))
-        metrics = open_metrics(cfg.log, group=cfg.swarm.run_id, name=f"peer-{identity.peer_id.to_base58()[-8:]}",
-                               config=cfg.to_dict())
+        metrics = open_metrics(
+            cfg.log, group=cfg.swarm.run_id, name=f"peer-{identity.peer_id.to_base58()[-8:]}", config=cfg.to_dict()
+        )
 
         sw = cfg.swarm
-        dht = start_dht(initial_peers=sw.initial_peers, host_maddrs=sw.host_maddrs, announce_maddrs=sw.announce_maddrs,
-                        identity=identity, client_mode=sw.client_mode, use_auto_relay=sw.use_auto_relay,
-                        join_timeout=sw.join_timeout)
+        dht = start_dht(
+            initial_peers=sw.initial_peers,
+            host_maddrs=sw.host_maddrs,
+            announce_maddrs=sw.announce_maddrs,
+            identity=identity,
+            client_mode=sw.client_mode,
+            use_auto_relay=sw.use_auto_relay,
+            join_timeout=sw.join_timeout,
+        )
         calls = DHTCalls(dht)
         maddrs = visible_maddrs(dht)
         if not sw.client_mode:
@@ -105,39 +120,69 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
         cfg, tokenizer, model_args = adopt_manifest(cfg, run.manifest)
         # planned again for the run's settings, before theta is allocated (on a CPU peer theta shares the memory);
         # a GPU peer's device is planned by LocalSession, after the forks
-        plan = plan_before_fork(model_args, cfg.train, model_name=f"--model {cfg.model.preset}",
-                                outer_optimizer=cfg.round.outer_optimizer)
+        plan = plan_before_fork(
+            model_args, cfg.train, model_name=f"--model {cfg.model.preset}", outer_optimizer=cfg.round.outer_optimizer
+        )
 
         # the global state lives on the CPU in fp32; build it before anything touches the GPU
         torch.manual_seed(cfg.train.seed)
         theta = theta_from_model(Transformer(model_args))
-        outer = make_outer_optimizer(cfg.round.outer_optimizer, theta, lr=cfg.round.effective_outer_lr,
-                                     momentum=cfg.round.outer_momentum)
+        outer = make_outer_optimizer(
+            cfg.round.outer_optimizer, theta, lr=cfg.round.effective_outer_lr, momentum=cfg.round.outer_momentum
+        )
         start_round = _restore_global(resume, run, theta, outer) if resume else 0
         delta = [torch.zeros_like(t) for t in theta]
         holder: dict[str, Any] = {}  # the engine exists only after the fork; donors ask it for the state's metadata
         rc = cfg.round
         averager = PhotonAverager(
-            delta, theta + outer.state_tensors(), dht, prefix=f"photon_{sw.run_id}_{run.hash[:12]}",
-            compression=make_compression(rc.compression), get_state_meta=lambda: holder["engine"].state_meta(),
-            start=True, allow_state_sharing=False, declare_state_period=10.0,
-            **averager_settings(matchmaking_time=rc.matchmaking_time, allreduce_timeout=rc.allreduce_timeout,
-                                target_group_size=rc.target_group_size, min_group_size=rc.min_group_size,
-                                client_mode=sw.client_mode))
+            delta,
+            theta + outer.state_tensors(),
+            dht,
+            prefix=f"photon_{sw.run_id}_{run.hash[:12]}",
+            compression=make_compression(rc.compression),
+            get_state_meta=lambda: holder["engine"].state_meta(),
+            start=True,
+            allow_state_sharing=False,
+            declare_state_period=10.0,
+            **averager_settings(
+                matchmaking_time=rc.matchmaking_time,
+                allreduce_timeout=rc.allreduce_timeout,
+                target_group_size=rc.target_group_size,
+                min_group_size=rc.min_group_size,
+                client_mode=sw.client_mode,
+            ),
+        )
 
         # announce ourselves now (after the forks, before the slow part): peers starting at the same time then
         # wait for us in matchmaking instead of racing ahead alone
-        heartbeat = HeartbeatPublisher(calls, identity, run, device=str(resolve_device(cfg.train.device)),
-                                       client_mode=sw.client_mode, maddrs=maddrs).start()
+        heartbeat = HeartbeatPublisher(
+            calls,
+            identity,
+            run,
+            device=str(resolve_device(cfg.train.device)),
+            client_mode=sw.client_mode,
+            maddrs=maddrs,
+        ).start()
         heartbeat.update(round=start_round, stage="starting", publish_now=True)
         rejects = RejectCounter()
         view = SwarmView(calls, sw.run_id, run.hash, identity.peer_id.to_base58(), rejects).start()
         session = LocalSession(cfg, tokenizer=tokenizer, model_args=model_args, progress=show, plan=plan)
         if resume is not None:
             session.restore(resume)
-        engine = PeerLoop(cfg=cfg, run=run, session=session, theta=theta, outer=outer, delta=delta,
-                             averager=averager, view=view, heartbeat=heartbeat, rejects=rejects, show_progress=show,
-                             round_=start_round)
+        engine = PeerLoop(
+            cfg=cfg,
+            run=run,
+            session=session,
+            theta=theta,
+            outer=outer,
+            delta=delta,
+            averager=averager,
+            view=view,
+            heartbeat=heartbeat,
+            rejects=rejects,
+            show_progress=show,
+            round_=start_round,
+        )
         holder["engine"] = engine
         if resume is not None:
             engine.contribution.update(resume.state.get("contribution") or {})
@@ -164,14 +209,18 @@ def _restore_global(ckpt: Checkpoint, run, theta: list[torch.Tensor], outer) -> 
 
     saved_hash, manifest_hash = ckpt.state.get("manifest_hash"), run.hash
     if saved_hash is None or "theta" not in ckpt.tensors:
-        raise CheckpointError(f"checkpoint {ckpt.path} was written by --local-only training, not by a swarm peer; "
-                              f"use another --checkpoint-dir")
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was written by --local-only training, not by a swarm peer; "
+            f"use another --checkpoint-dir"
+        )
     if saved_hash != manifest_hash:
         saved = ckpt.state.get("manifest_settings")
         diffs = settings_differences(saved, manifest_settings(run.manifest)) if isinstance(saved, dict) else []
         what = "; ".join(diffs) if diffs else f"manifest {saved_hash[:12]}, this run {manifest_hash[:12]}"
-        raise CheckpointError(f"checkpoint {ckpt.path} belongs to another run ({what}); resume with the settings it "
-                              f"was written with, or use another --checkpoint-dir or --run-id")
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} belongs to another run ({what}); resume with the settings it "
+            f"was written with, or use another --checkpoint-dir or --run-id"
+        )
     saved_theta, saved_outer = ckpt.tensors["theta"], ckpt.tensors.get("outer", {})
     with torch.no_grad():
         for i, t in enumerate(theta):

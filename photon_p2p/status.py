@@ -80,32 +80,63 @@ def manifest_summary(run: Any, candidates: int = 1) -> dict[str, Any]:
     m = run.manifest
     tokenizer, vocab = _tokenizer_info(m)
     return {
-        "hash": run.hash, "creator": run.record.creator, "created_at": run.record.created_at,
-        "protocol": m.protocol, "software": m.software,
-        "model_preset": m.preset, "parameters": count_parameters(m.model), "model": m.model.model_dump(),
-        "tokenizer": tokenizer, "tokenizer_vocab": vocab, "tokenizer_fingerprint": m.tokenizer_fingerprint,
-        "local_steps": m.round.local_steps, "round_seconds": m.round.round_seconds,
-        "outer_optimizer": m.round.outer_optimizer, "outer_lr": m.round.outer_lr,
-        "outer_momentum": m.round.outer_momentum, "compression": m.round.compression,
-        "max_steps": m.train.max_steps, "batch_size": m.train.batch_size, "lr": m.train.lr,
+        "hash": run.hash,
+        "creator": run.record.creator,
+        "created_at": run.record.created_at,
+        "protocol": m.protocol,
+        "software": m.software,
+        "model_preset": m.preset,
+        "parameters": count_parameters(m.model),
+        "model": m.model.model_dump(),
+        "tokenizer": tokenizer,
+        "tokenizer_vocab": vocab,
+        "tokenizer_fingerprint": m.tokenizer_fingerprint,
+        "local_steps": m.round.local_steps,
+        "round_seconds": m.round.round_seconds,
+        "outer_optimizer": m.round.outer_optimizer,
+        "outer_lr": m.round.outer_lr,
+        "outer_momentum": m.round.outer_momentum,
+        "compression": m.round.compression,
+        "max_steps": m.train.max_steps,
+        "batch_size": m.train.batch_size,
+        "lr": m.train.lr,
         "candidates": candidates,
     }
 
 
 def peer_row(hb: Any, now: float) -> dict[str, Any]:
     return {
-        "peer_id": hb.peer_id, "stage": hb.stage, "round": hb.round, "step": hb.step, "tokens": hb.tokens,
-        "tokens_per_s": hb.tokens_per_s, "loss": hb.loss, "val_ppl": hb.val_ppl, "device": hb.device,
-        "version": hb.version, "last_seen_s": round(max(0.0, now - hb.time), 1), "client_mode": hb.client_mode,
-        "theta_hash": hb.theta_hash, "last_round": hb.last_round.model_dump() if hb.last_round else None,
+        "peer_id": hb.peer_id,
+        "stage": hb.stage,
+        "round": hb.round,
+        "step": hb.step,
+        "tokens": hb.tokens,
+        "tokens_per_s": hb.tokens_per_s,
+        "loss": hb.loss,
+        "val_ppl": hb.val_ppl,
+        "device": hb.device,
+        "version": hb.version,
+        "last_seen_s": round(max(0.0, now - hb.time), 1),
+        "client_mode": hb.client_mode,
+        "theta_hash": hb.theta_hash,
+        "last_round": hb.last_round.model_dump() if hb.last_round else None,
     }
 
 
 def leaderboard(contributions: dict[str, Any], live: set[str]) -> list[dict[str, Any]]:
     """Peers by tokens that entered theta (each figure is signed by, and only claimed by, that peer)."""
-    rows = [{"peer_id": c.peer_id, "tokens": c.tokens, "rounds_averaged": c.rounds_averaged, "rounds": c.rounds,
-             "live": c.peer_id in live, "first_seen": c.first_seen, "last_update": c.time}
-            for c in contributions.values()]
+    rows = [
+        {
+            "peer_id": c.peer_id,
+            "tokens": c.tokens,
+            "rounds_averaged": c.rounds_averaged,
+            "rounds": c.rounds,
+            "live": c.peer_id in live,
+            "first_seen": c.first_seen,
+            "last_update": c.time,
+        }
+        for c in contributions.values()
+    ]
     return sorted(rows, key=lambda r: (-r["tokens"], r["peer_id"]))
 
 
@@ -188,16 +219,23 @@ def _fmt(value: Any, spec: str) -> str:
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], numeric: set[int]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-                      ).rstrip() for r in [header, *rows]]
+    return [
+        "  ".join(
+            c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in [header, *rows]
+    ]
 
 
 def render(status: dict[str, Any]) -> str:
     m = status["manifest"]
     vocab = f" ({m['tokenizer_vocab']:,} tokens)" if m["tokenizer_vocab"] is not None else ""
     shape = m["model"]
-    schedule = (f"{m['round_seconds']:g}s rounds" if m["round_seconds"] is not None
-                else f"{m['local_steps']} local steps per round")
+    schedule = (
+        f"{m['round_seconds']:g}s rounds"
+        if m["round_seconds"] is not None
+        else f"{m['local_steps']} local steps per round"
+    )
     lines = [
         f"run {_clean(status['run_id'])}  manifest {m['hash'][:12]}  created by {short_peer_id(m['creator'])} "
         f"{_fmt_seconds(max(0.0, time.time() - m['created_at']))} ago  (photon-p2p {_clean(m['software'])})",
@@ -210,36 +248,59 @@ def render(status: dict[str, Any]) -> str:
     peers = status["peers"]
     if peers:
         header = ("PEER", "STAGE", "ROUND", "STEP", "TOKENS/S", "LOSS", "VAL PPL", "DEVICE", "SEEN")
-        rows = [(short_peer_id(p["peer_id"]) + (" (client)" if p["client_mode"] else ""), _clean(p["stage"]),
-                 str(p["round"]), f"{p['step']:,}", f"{p['tokens_per_s']:,.0f}", _fmt(p["loss"], ".4f"),
-                 _fmt(p["val_ppl"], ".2f"), _clean(p["device"]), _fmt_seconds(p["last_seen_s"])) for p in peers]
+        rows = [
+            (
+                short_peer_id(p["peer_id"]) + (" (client)" if p["client_mode"] else ""),
+                _clean(p["stage"]),
+                str(p["round"]),
+                f"{p['step']:,}",
+                f"{p['tokens_per_s']:,.0f}",
+                _fmt(p["loss"], ".4f"),
+                _fmt(p["val_ppl"], ".2f"),
+                _clean(p["device"]),
+                _fmt_seconds(p["last_seen_s"]),
+            )
+            for p in peers
+        ]
         lines += _table(header, rows, numeric={2, 3, 4, 5, 6, 8})
         lines.append("")
-        lines.append(f"{len(peers)} live peer{'s' if len(peers) != 1 else ''}, total throughput "
-                     f"{status['total_tokens_per_s']:,.0f} tokens/s")
+        lines.append(
+            f"{len(peers)} live peer{'s' if len(peers) != 1 else ''}, total throughput "
+            f"{status['total_tokens_per_s']:,.0f} tokens/s"
+        )
         agreement = status.get("theta_agreement") or {}
         if len(agreement) == 1:
-            (h, n), = agreement.items()
+            ((h, n),) = agreement.items()
             lines.append(f"theta: the peers at the newest round agree ({n} on {_clean(h)[:12]})")
         elif agreement:
             split = ", ".join(f"{_clean(h)[:12]} ({n})" for h, n in agreement.items())
-            lines.append(f"theta: the swarm holds {len(agreement)} different models: {split} (they merge when their "
-                         f"peers next average together)")
+            lines.append(
+                f"theta: the swarm holds {len(agreement)} different models: {split} (they merge when their "
+                f"peers next average together)"
+            )
     else:
         lines.append("no live peers (a peer shows up within seconds of joining; heartbeats expire after ~12 s)")
     board = status.get("leaderboard") or []
     if board:
         lines += ["", "CONTRIBUTIONS (tokens that entered theta, as each peer reports it)"]
         header = ("PEER", "TOKENS", "ROUNDS", "AVERAGED", "")
-        rows = [(short_peer_id(r["peer_id"]), f"{r['tokens']:,}", str(r["rounds"]), str(r["rounds_averaged"]),
-                 "live" if r["live"] else f"left {_fmt_seconds(max(0.0, time.time() - r['last_update']))} ago")
-                for r in board[:LEADERBOARD_ROWS]]
+        rows = [
+            (
+                short_peer_id(r["peer_id"]),
+                f"{r['tokens']:,}",
+                str(r["rounds"]),
+                str(r["rounds_averaged"]),
+                "live" if r["live"] else f"left {_fmt_seconds(max(0.0, time.time() - r['last_update']))} ago",
+            )
+            for r in board[:LEADERBOARD_ROWS]
+        ]
         lines += _table(header, rows, numeric={1, 2, 3})
         if len(board) > LEADERBOARD_ROWS:
             lines.append(f"... and {len(board) - LEADERBOARD_ROWS} more (--json lists all)")
     if m.get("candidates", 1) > 1:
-        lines.append(f"note: {m['candidates']} valid manifests were published for this run; showing the canonical "
-                     f"(earliest) one")
+        lines.append(
+            f"note: {m['candidates']} valid manifests were published for this run; showing the canonical (earliest) one"
+        )
     if status["rejected_records"]:
         reasons = ", ".join(f"{k} ({v})" for k, v in status["rejected_reasons"].items())
         n = status["rejected_records"]
@@ -260,18 +321,32 @@ def run_status(opts: StatusOptions, *, out: TextIO | None = None) -> int:
     scratch = tempfile.TemporaryDirectory(prefix="photon-status-")
     dht = None
     try:
-        dht = start_dht(initial_peers=opts.initial_peers, host_maddrs=opts.host_maddrs,
-                        identity=Identity.ephemeral(scratch.name), client_mode=True, join_timeout=opts.join_timeout)
+        dht = start_dht(
+            initial_peers=opts.initial_peers,
+            host_maddrs=opts.host_maddrs,
+            identity=Identity.ephemeral(scratch.name),
+            client_mode=True,
+            join_timeout=opts.join_timeout,
+        )
         calls = DHTCalls(dht)
         status = gather(calls, opts.run_id, attempts=opts.manifest_attempts)
         if opts.serve is not None:  # a web page instead of the terminal, until Ctrl-C
             from photon_p2p.dashboard.server import Dashboard, serve_until_stopped
 
             known = status["manifest"]
-            dashboard = Dashboard(lambda run_id: gather(calls, run_id, attempts=1, known=known), run_id=opts.run_id,
-                                  period=opts.serve_period, initial=status)
-            serve_until_stopped(dashboard, *opts.serve, out=out, alive=dht.is_alive,
-                                dead="the DHT client process died; run photon-status again")
+            dashboard = Dashboard(
+                lambda run_id: gather(calls, run_id, attempts=1, known=known),
+                run_id=opts.run_id,
+                period=opts.serve_period,
+                initial=status,
+            )
+            serve_until_stopped(
+                dashboard,
+                *opts.serve,
+                out=out,
+                alive=dht.is_alive,
+                dead="the DHT client process died; run photon-status again",
+            )
             return 0
         _show(status, opts, out)
         while opts.watch is not None:
@@ -281,8 +356,11 @@ def run_status(opts: StatusOptions, *, out: TextIO | None = None) -> int:
             try:
                 status = gather(calls, opts.run_id, attempts=1, known=status["manifest"])
             except (TimeoutError, RuntimeError) as e:  # a slow DHT: say so (not into a JSON stream), keep watching
-                print(f"(DHT lookup failed: {e or type(e).__name__}; retrying)",
-                      file=sys.stderr if opts.as_json else out, flush=True)
+                print(
+                    f"(DHT lookup failed: {e or type(e).__name__}; retrying)",
+                    file=sys.stderr if opts.as_json else out,
+                    flush=True,
+                )
                 continue
             _show(status, opts, out)
         return 0

@@ -126,8 +126,25 @@ def available(cpu: bool = False) -> tuple[bool, str]:
         _run(["ip", "netns", "add", probe])
         try:
             _run(["ip", "-n", probe, "link", "add", "pa", "type", "veth", "peer", "name", "pb"])
-            _run(["tc", "-n", probe, "qdisc", "add", "dev", "pa", "root", "tbf", "rate", "100mbit", "burst",
-                  "256kb", "latency", "200ms"])
+            _run(
+                [
+                    "tc",
+                    "-n",
+                    probe,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    "pa",
+                    "root",
+                    "tbf",
+                    "rate",
+                    "100mbit",
+                    "burst",
+                    "256kb",
+                    "latency",
+                    "200ms",
+                ]
+            )
         finally:
             subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     except TestbedError as e:
@@ -225,8 +242,11 @@ def cleanup_stale() -> list[str]:
     """Remove namespaces and cgroups of testbeds whose creating process is gone (a run that was SIGKILLed).
     Returns what was removed."""
     removed = []
-    netns = [line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                                         text=True).stdout.splitlines() if line.strip()]
+    netns = [
+        line.split()[0]
+        for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
+        if line.strip()
+    ]
     stale_ns = [ns for ns in netns if (m := _STALE_RE.match(ns)) and not _alive(int(m.group(1)))]
     stale_cg = [cg for cg in _subdirs(CGROUP_CPU) if (m := _STALE_RE.match(cg.name)) and not _alive(int(m.group(1)))]
     _kill_all(stale_ns, [c for cg in stale_cg for c in _subdirs(cg)])
@@ -265,8 +285,9 @@ class FieldTestbed:
     ``burst`` and ``latency`` are tbf's (256kb/200ms: ~96 Mbit/s of TCP at 100 Mbit/s).
     """
 
-    def __init__(self, hosts: Sequence[HostSpec], subnet: str | None = None, burst: str = "256kb",
-                 latency: str = "200ms"):
+    def __init__(
+        self, hosts: Sequence[HostSpec], subnet: str | None = None, burst: str = "256kb", latency: str = "200ms"
+    ):
         names = [h.name for h in hosts]
         bad = [n for n in names if not _NAME_RE.match(n)]
         if bad or len(set(names)) != len(names) or not 1 <= len(names) <= 250:
@@ -307,8 +328,23 @@ class FieldTestbed:
         netns, inner, outer = f"{PREFIX}-{self.id}-{spec.name}", f"v{short}{i}a", f"v{short}{i}b"
         assert len(outer) <= 15, outer
         self._add_netns(netns)
-        _run(["ip", "link", "add", inner, "netns", netns, "type", "veth", "peer", "name", outer,
-              "netns", self.bridge_netns])
+        _run(
+            [
+                "ip",
+                "link",
+                "add",
+                inner,
+                "netns",
+                netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                outer,
+                "netns",
+                self.bridge_netns,
+            ]
+        )
         _run(["ip", "-n", self.bridge_netns, "link", "set", outer, "master", BRIDGE])
         _run(["ip", "-n", self.bridge_netns, "link", "set", outer, "up"])
         _run(["ip", "-n", netns, "addr", "add", f"{address}/24", "dev", inner])
@@ -318,8 +354,25 @@ class FieldTestbed:
                 raise TestbedError(f"host {spec.name}: rate_mbit must be positive, not {spec.rate_mbit}")
             rate = f"{round(spec.rate_mbit * 1000)}kbit"
             for ns, dev in ((netns, inner), (self.bridge_netns, outer)):  # its upload, its download
-                _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", burst,
-                      "latency", latency])
+                _run(
+                    [
+                        "tc",
+                        "-n",
+                        ns,
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        rate,
+                        "burst",
+                        burst,
+                        "latency",
+                        latency,
+                    ]
+                )
         cgroup = None
         if spec.cpu is not None:
             if not spec.cpu > 0:
@@ -371,14 +424,18 @@ class FieldTestbed:
     def measure_tcp_mbit(self, src: str | Host, dst: str | Host, seconds: float = 2.0) -> float:
         """Mbit/s of one TCP stream from ``src`` to ``dst`` as the receiver sees it (bytes / first-to-last byte)."""
         src, dst = self[src], self[dst]
-        server = subprocess.Popen(dst.wrap([sys.executable, "-c", _TCP_SERVER, dst.address]), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+        server = subprocess.Popen(
+            dst.wrap([sys.executable, "-c", _TCP_SERVER, dst.address]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             port = server.stdout.readline().strip()
             if not port.isdigit():
                 raise TestbedError(f"tcp server in {dst.name} did not start: {port} {server.stderr.read()}")
-            _run(src.wrap([sys.executable, "-c", _TCP_CLIENT, dst.address, port, str(seconds)]),
-                 timeout=seconds + 120)
+            _run(src.wrap([sys.executable, "-c", _TCP_CLIENT, dst.address, port, str(seconds)]), timeout=seconds + 120)
             out, err = server.communicate(timeout=120)
             if server.returncode:
                 raise TestbedError(f"tcp server in {dst.name} failed: {err.strip()}")

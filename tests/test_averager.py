@@ -24,8 +24,10 @@ def _swarm(n: int):
     import hivemind
 
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dhts = [first] + [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                                   initial_peers=first.get_visible_maddrs()) for _ in range(n - 1)]
+    dhts = [first] + [
+        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
+        for _ in range(n - 1)
+    ]
     return dhts
 
 
@@ -35,15 +37,27 @@ def _run(deltas, thetas, weights, compression="none", hashes=None, timeout=40.0,
     dhts = _swarm(n)
     comp = make_compression(compression)
     classes = classes or [PhotonAverager] * n
-    avgs = [classes[i]([d.clone() for d in deltas[i]], [t.clone() for t in thetas[i]], dhts[i], prefix="t",
-                           compression=comp, get_state_meta=dict, start=True,
-                           **averager_settings(matchmaking_time=3.0, allreduce_timeout=timeout, target_group_size=n,
-                                               chunk_timeout=4.0)) for i in range(n)]
+    avgs = [
+        classes[i](
+            [d.clone() for d in deltas[i]],
+            [t.clone() for t in thetas[i]],
+            dhts[i],
+            prefix="t",
+            compression=comp,
+            get_state_meta=dict,
+            start=True,
+            **averager_settings(
+                matchmaking_time=3.0, allreduce_timeout=timeout, target_group_size=n, chunk_timeout=4.0
+            ),
+        )
+        for i in range(n)
+    ]
     results: list = [None] * n
 
     def step(i: int) -> None:
-        gather = RoundGather(round=0, theta_hash=(hashes or ["same"] * n)[i], tokens=int(weights[i]),
-                             steps=1).model_dump()
+        gather = RoundGather(
+            round=0, theta_hash=(hashes or ["same"] * n)[i], tokens=int(weights[i]), steps=1
+        ).model_dump()
         try:
             results[i] = avgs[i].step(gather=gather, weight=weights[i], timeout=timeout)
         except Exception as e:  # recorded for the assertions
@@ -157,8 +171,13 @@ def test_theta_merge_is_all_or_nothing_when_a_reducer_fails():
     state, and says so (reconcile_failed); never zeros, never half a merge."""
     deltas, _ = _data(2, seed=4)
     thetas = [[torch.full((N_VALUES,), 1.0), torch.zeros(31, 7)], [torch.full((N_VALUES,), 3.0), torch.ones(31, 7)]]
-    results, after = _run(deltas, [[t.clone() for t in th] for th in thetas], [1.0, 1.0], hashes=["aaaa", "bbbb"],
-                          classes=[PhotonAverager, _FaultyAverager])
+    results, after = _run(
+        deltas,
+        [[t.clone() for t in th] for th in thetas],
+        [1.0, 1.0],
+        hashes=["aaaa", "bbbb"],
+        classes=[PhotonAverager, _FaultyAverager],
+    )
     assert all(isinstance(r, dict) for r in results), results
     assert any(r["reconcile_failed"] for r in results), "the fault did not hit the merge"
     merged = [torch.full((N_VALUES,), 2.0), torch.full((31, 7), 0.5)]

@@ -71,8 +71,7 @@ def no_process_uses(path: Path) -> bool:
 def test_bootstrap_peer_status_lifecycle(procs, tmp_path):
     key = tmp_path / "state" / "bootstrap.key"  # its directory does not exist yet, as on a fresh server
     port = free_port()
-    boot, boot_maddr = start_bootstrap(procs, tmp_path, "bootstrap", identity=key,
-                                       host=f"/ip4/127.0.0.1/tcp/{port}")
+    boot, boot_maddr = start_bootstrap(procs, tmp_path, "bootstrap", identity=key, host=f"/ip4/127.0.0.1/tcp/{port}")
     paste = boot.wait_for(PASTE_RE, 5).group(0)
     assert paste.startswith("photon-peer --initial-peers /ip4/127.0.0.1/")
     assert f"/ip4/127.0.0.1/tcp/{port}/p2p/" in paste
@@ -116,8 +115,7 @@ def test_bootstrap_peer_status_lifecycle(procs, tmp_path):
     assert no_process_uses(key)
 
     # restart with the same key file: the same peer ID, so the addresses handed out keep working
-    boot2, boot2_maddr = start_bootstrap(procs, tmp_path, "bootstrap2", identity=key,
-                                         host=f"/ip4/127.0.0.1/tcp/{port}")
+    boot2, boot2_maddr = start_bootstrap(procs, tmp_path, "bootstrap2", identity=key, host=f"/ip4/127.0.0.1/tcp/{port}")
     assert peer_id_of(boot2_maddr) == boot_id
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     children = boot2.descendants()
@@ -130,8 +128,10 @@ def test_port_in_use_is_one_line_error(procs, tmp_path):
     port = free_port()
     boot, _ = start_bootstrap(procs, tmp_path, "first", host=f"/ip4/127.0.0.1/tcp/{port}")
     key = tmp_path / "second.key"
-    result = run_cli(console("photon-bootstrap") + ["--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}",
-                                                    "--identity-path", str(key)], tmp_path / "second")
+    result = run_cli(
+        console("photon-bootstrap") + ["--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", "--identity-path", str(key)],
+        tmp_path / "second",
+    )
     assert_one_line_error(result, "--host-maddrs", str(port), "in use")
     assert not key.exists(), "nothing is created before the addresses are checked"
     assert boot.alive(), "the first node is unaffected"
@@ -162,8 +162,10 @@ def bad_runs(tmp_path_factory):
     """Every bad-input invocation of photon-bootstrap, run side by side once; the tests below check one each."""
     work = tmp_path_factory.mktemp("bad-bootstrap")
     loop = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
-    cases = {f"maddr{i}": ["--host-maddrs", addr, "--identity-path", str(work / f"maddr{i}.key")]
-             for i, addr in enumerate(BAD_HOST_MADDRS)}
+    cases = {
+        f"maddr{i}": ["--host-maddrs", addr, "--identity-path", str(work / f"maddr{i}.key")]
+        for i, addr in enumerate(BAD_HOST_MADDRS)
+    }
     keys = {kind: _bad_identity(work / f"key-{kind}", kind) for kind in ("loose", "garbage", "directory")}
     before = {kind: path.read_bytes() for kind, path in keys.items() if path.is_file()}
     cases.update({f"key-{kind}": [*loop, "--identity-path", str(path)] for kind, path in keys.items()})
@@ -181,9 +183,14 @@ def test_bad_host_maddrs(bad_runs, i):
     assert not (work / f"maddr{i}.key").exists(), "nothing is created before the addresses are checked"
 
 
-@pytest.mark.parametrize("kind, needle", [("loose", "(mode 644); run: chmod 600"),
-                                          ("garbage", "not a hivemind/libp2p RSA identity file"),
-                                          ("directory", "not a regular file")])
+@pytest.mark.parametrize(
+    "kind, needle",
+    [
+        ("loose", "(mode 644); run: chmod 600"),
+        ("garbage", "not a hivemind/libp2p RSA identity file"),
+        ("directory", "not a regular file"),
+    ],
+)
 def test_bad_identity_file(bad_runs, kind, needle):
     _, results, keys, before = bad_runs
     assert_one_line_error(results[f"key-{kind}"], "--identity-path", str(keys[kind]), needle)
@@ -192,8 +199,9 @@ def test_bad_identity_file(bad_runs, kind, needle):
 
 
 def test_unreachable_initial_peer(bad_runs):
-    assert_one_line_error(bad_runs[1]["unreachable"], "none of the initial peers answered within 2s",
-                          "/ip4/127.0.0.1/tcp/", "/p2p/QmbMEx")
+    assert_one_line_error(
+        bad_runs[1]["unreachable"], "none of the initial peers answered within 2s", "/ip4/127.0.0.1/tcp/", "/p2p/QmbMEx"
+    )
 
 
 def test_bad_config_file_is_one_line_error(bad_runs):
@@ -213,22 +221,28 @@ def test_defaults_listen_on_tcp_and_quic_31337():
 
 def test_config_file_and_flags(tmp_path):
     path = tmp_path / "b.toml"
-    path.write_text('[bootstrap]\nidentity_path = "/var/lib/photon/b.key"\nstatus_period = 30\nrelay = false\n'
-                    'host_maddrs = ["/ip4/0.0.0.0/tcp/4000"]\n')
+    path.write_text(
+        '[bootstrap]\nidentity_path = "/var/lib/photon/b.key"\nstatus_period = 30\nrelay = false\n'
+        'host_maddrs = ["/ip4/0.0.0.0/tcp/4000"]\n'
+    )
     cfg = parse_config(["--config", str(path), "--status-period", "5"])
-    assert cfg == BootstrapConfig(identity_path="/var/lib/photon/b.key", status_period=5.0, relay=False,
-                                  host_maddrs=["/ip4/0.0.0.0/tcp/4000"])
+    assert cfg == BootstrapConfig(
+        identity_path="/var/lib/photon/b.key", status_period=5.0, relay=False, host_maddrs=["/ip4/0.0.0.0/tcp/4000"]
+    )
     assert parse_config(["--config", str(path), "--relay"]).relay is True
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("[bootstrap]\nidentity_pth = 'x'\n", "unknown key 'bootstrap.identity_pth' (did you mean 'identity_path'?)"),
-    ("[bootstrp]\n", "unknown table [bootstrp]"),
-    ("[bootstrap]\nstatus_period = 'soon'\n", "bootstrap.status_period = 'soon': expected a number"),
-    ("[bootstrap]\nstatus_period = 0\n", "--status-period (TOML bootstrap.status_period) = 0.0"),
-    ("[bootstrap]\nforce_reachability = 'maybe'\n", "bootstrap.force_reachability = 'maybe': choose one of"),
-    ("[bootstrap\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[bootstrap]\nidentity_pth = 'x'\n", "unknown key 'bootstrap.identity_pth' (did you mean 'identity_path'?)"),
+        ("[bootstrp]\n", "unknown table [bootstrp]"),
+        ("[bootstrap]\nstatus_period = 'soon'\n", "bootstrap.status_period = 'soon': expected a number"),
+        ("[bootstrap]\nstatus_period = 0\n", "--status-period (TOML bootstrap.status_period) = 0.0"),
+        ("[bootstrap]\nforce_reachability = 'maybe'\n", "bootstrap.force_reachability = 'maybe': choose one of"),
+        ("[bootstrap\n", "not valid TOML"),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, text, needle):
     path = tmp_path / "b.toml"
     path.write_text(text)
@@ -245,8 +259,18 @@ def test_help_documents_every_flag():
     for action in parser._actions:
         assert action.help, f"{action.option_strings} has no help"
     text = parser.format_help()
-    for flag in ("--host-maddrs", "--announce-maddrs", "--identity-path", "--initial-peers", "--no-relay",
-                 "--use-auto-relay", "--force-reachability", "--status-period", "--log-level", "--config"):
+    for flag in (
+        "--host-maddrs",
+        "--announce-maddrs",
+        "--identity-path",
+        "--initial-peers",
+        "--no-relay",
+        "--use-auto-relay",
+        "--force-reachability",
+        "--status-period",
+        "--log-level",
+        "--config",
+    ):
         assert flag in text
 
 

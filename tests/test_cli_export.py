@@ -42,11 +42,39 @@ def run(tmp_path_factory):
     tok_path = root / "tok.json"
     train_bpe([str(corpus)], 320, str(tok_path), progress=False)
     tok = load_tokenizer(str(tok_path))
-    proc = run_cli("photon-peer", [
-        "--local-only", "--data", corpus, "--cache-dir", root / "cache", "--tokenizer", tok_path, "--model", "micro",
-        "--no-tie-embeddings", "--max-steps", "6", "--batch-size", "4", "--lr", "1e-2", "--eval-every", "0",
-        "--eval-batches", "1", "--checkpoint-dir", root / "ck", "--checkpoint-every", "3", "--no-progress",
-        "--threads", "1"], cwd=root)
+    proc = run_cli(
+        "photon-peer",
+        [
+            "--local-only",
+            "--data",
+            corpus,
+            "--cache-dir",
+            root / "cache",
+            "--tokenizer",
+            tok_path,
+            "--model",
+            "micro",
+            "--no-tie-embeddings",
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--eval-every",
+            "0",
+            "--eval-batches",
+            "1",
+            "--checkpoint-dir",
+            root / "ck",
+            "--checkpoint-every",
+            "3",
+            "--no-progress",
+            "--threads",
+            "1",
+        ],
+        cwd=root,
+    )
     assert proc.returncode == 0, proc.stderr
     tok_path.unlink()  # the export must not need the original file
     return root, tok
@@ -67,7 +95,8 @@ def test_export_latest_checkpoint_matches_our_logits_and_tokenizer(run):
     assert proc.returncode == 0, proc.stderr
     assert f"exported {root / 'ck' / 'step-00000006'} to {out}" in proc.stdout
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
 
     hf, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
@@ -104,24 +133,30 @@ def test_export_one_step_dir_in_bf16(run):
 def test_bad_inputs(run, tmp_path):
     root, _ = run
     missing = tmp_path / "missing"
-    assert_one_line_error(run_cli("photon-export", [missing, "-o", tmp_path / "out"], cwd=tmp_path),
-                          str(missing), "no such directory")
+    assert_one_line_error(
+        run_cli("photon-export", [missing, "-o", tmp_path / "out"], cwd=tmp_path), str(missing), "no such directory"
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_one_line_error(run_cli("photon-export", [empty, "-o", tmp_path / "out"], cwd=tmp_path),
-                          str(empty), "holds no checkpoint")
+    assert_one_line_error(
+        run_cli("photon-export", [empty, "-o", tmp_path / "out"], cwd=tmp_path), str(empty), "holds no checkpoint"
+    )
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    assert_one_line_error(run_cli("photon-export", [a_file, "-o", tmp_path / "out"], cwd=tmp_path),
-                          str(a_file), "not a directory")
+    assert_one_line_error(
+        run_cli("photon-export", [a_file, "-o", tmp_path / "out"], cwd=tmp_path), str(a_file), "not a directory"
+    )
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    assert_one_line_error(run_cli("photon-export", [root / "ck", "-o", busy], cwd=tmp_path),
-                          f"--output {busy}", "not empty")
+    assert_one_line_error(
+        run_cli("photon-export", [root / "ck", "-o", busy], cwd=tmp_path), f"--output {busy}", "not empty"
+    )
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
-    assert_one_line_error(run_cli("photon-export", [root / "ck", "-o", tmp_path / "out", "--dtype", "fp8"],
-                                  cwd=tmp_path), "argument --dtype: invalid choice: 'fp8'")
+    assert_one_line_error(
+        run_cli("photon-export", [root / "ck", "-o", tmp_path / "out", "--dtype", "fp8"], cwd=tmp_path),
+        "argument --dtype: invalid choice: 'fp8'",
+    )
     assert_one_line_error(run_cli("photon-export", [root / "ck"], cwd=tmp_path), "--output")
     assert not (tmp_path / "out").exists()
 
@@ -153,9 +188,15 @@ def test_a_swarm_checkpoint_exports_theta_unless_told_local(run, tmp_path):
     local = load_checkpoint(root / "ck" / "step-00000006")
     model = our_model(local.path)
     theta = {f"{i:05d}": p.detach() + 0.5 for i, p in enumerate(model.parameters())}
-    save_checkpoint(tmp_path / "swarm", 6, tensors={"model": local.tensors["model"], "theta": theta},
-                    state={**local.state, "round": 2}, meta=local.meta, keep=1,
-                    text_files={"tokenizer.json": (local.path / "tokenizer.json").read_text()})
+    save_checkpoint(
+        tmp_path / "swarm",
+        6,
+        tensors={"model": local.tensors["model"], "theta": theta},
+        state={**local.state, "round": 2},
+        meta=local.meta,
+        keep=1,
+        text_files={"tokenizer.json": (local.path / "tokenizer.json").read_text()},
+    )
     exported = {}
     for flags in ([], ["--weights", "local"], ["--weights", "theta"]):
         out = tmp_path / ("out" + "-".join(flags))

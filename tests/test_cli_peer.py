@@ -39,17 +39,39 @@ def happy(work):
     """One complete small run, inspected by several tests."""
     out = work / "happy"
     out.mkdir()
-    proc = run_cli("photon-peer", BASE + [
-        "--data", work / "corpus", "--max-steps", "12", "--log-every", "2", "--eval-every", "6", "--lr", "3e-3",
-        "--checkpoint-dir", out / "ck", "--checkpoint-every", "6", "--metrics-file", out / "metrics.jsonl",
-        "--cache-dir", work / "cache"], cwd=out)
+    proc = run_cli(
+        "photon-peer",
+        BASE
+        + [
+            "--data",
+            work / "corpus",
+            "--max-steps",
+            "12",
+            "--log-every",
+            "2",
+            "--eval-every",
+            "6",
+            "--lr",
+            "3e-3",
+            "--checkpoint-dir",
+            out / "ck",
+            "--checkpoint-every",
+            "6",
+            "--metrics-file",
+            out / "metrics.jsonl",
+            "--cache-dir",
+            work / "cache",
+        ],
+        cwd=out,
+    )
     return proc, out
 
 
 def peer(work: Path, tmp_path: Path, *args) -> tuple:
     """photon-peer with a bad input: run it in tmp_path with the module's corpus and shard cache."""
-    proc = run_cli("photon-peer", BASE + ONE_THREAD + ["--max-steps", "3", "--cache-dir", work / "cache", *args],
-                   cwd=tmp_path)
+    proc = run_cli(
+        "photon-peer", BASE + ONE_THREAD + ["--max-steps", "3", "--cache-dir", work / "cache", *args], cwd=tmp_path
+    )
     return proc
 
 
@@ -105,8 +127,19 @@ def test_fresh_discards_an_old_run(happy, work, tmp_path):
     _, out = happy
     ck = tmp_path / "ck"
     shutil.copytree(out / "ck", ck)
-    proc = peer(work, tmp_path, "--data", work / "corpus", "--max-steps", "2", "--checkpoint-dir", ck, "--fresh",
-                "--eval-every", "0")
+    proc = peer(
+        work,
+        tmp_path,
+        "--data",
+        work / "corpus",
+        "--max-steps",
+        "2",
+        "--checkpoint-dir",
+        ck,
+        "--fresh",
+        "--eval-every",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "--fresh: deleted 2 checkpoint(s)" in proc.stderr
     assert sorted(p.name for p in ck.iterdir()) == ["step-00000002"]
@@ -118,8 +151,16 @@ def test_fresh_discards_an_old_run(happy, work, tmp_path):
 
 def test_missing_data_path(work, tmp_path):
     missing = tmp_path / "nope"
-    proc = peer(work, tmp_path, "--data", missing, "--checkpoint-dir", tmp_path / "ck",
-                "--metrics-file", tmp_path / "metrics.jsonl")
+    proc = peer(
+        work,
+        tmp_path,
+        "--data",
+        missing,
+        "--checkpoint-dir",
+        tmp_path / "ck",
+        "--metrics-file",
+        tmp_path / "metrics.jsonl",
+    )
     assert_one_line_error(proc, f"--data {missing}", "no such file or directory")
     assert_nothing_written(tmp_path, work)
 
@@ -133,8 +174,16 @@ def test_no_data_flag(work, tmp_path):
 def test_empty_data_file(work, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n")
-    proc = peer(work, tmp_path, "--data", empty, "--checkpoint-dir", tmp_path / "ck",
-                "--metrics-file", tmp_path / "metrics.jsonl")
+    proc = peer(
+        work,
+        tmp_path,
+        "--data",
+        empty,
+        "--checkpoint-dir",
+        tmp_path / "ck",
+        "--metrics-file",
+        tmp_path / "metrics.jsonl",
+    )
     assert_one_line_error(proc, str(empty), "no text found")
     assert_nothing_written(tmp_path, work)
 
@@ -171,8 +220,18 @@ def test_missing_tokenizer_file(work, tmp_path):
 
 
 def test_vocab_size_smaller_than_the_tokenizer(work, tmp_path):
-    proc = peer(work, tmp_path, "--data", work / "corpus", "--vocab-size", "100", "--checkpoint-dir", tmp_path / "ck",
-                "--metrics-file", tmp_path / "metrics.jsonl")
+    proc = peer(
+        work,
+        tmp_path,
+        "--data",
+        work / "corpus",
+        "--vocab-size",
+        "100",
+        "--checkpoint-dir",
+        tmp_path / "ck",
+        "--metrics-file",
+        tmp_path / "metrics.jsonl",
+    )
     assert_one_line_error(proc, "--vocab-size 100", "smaller than the tokenizer's vocabulary (257")
     assert_nothing_written(tmp_path, work)
 
@@ -191,10 +250,28 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 def test_resume_with_another_model_shape(happy, work, tmp_path):
     ck, before = copy_checkpoints(happy, tmp_path)
-    proc = peer(work, tmp_path, "--data", work / "corpus", "--model", "tiny", "--checkpoint-dir", ck, "--resume",
-                "--max-steps", "20", "--metrics-file", tmp_path / "metrics.jsonl")
-    line = assert_one_line_error(proc, f"checkpoint {ck / 'step-00000012'}", "different model",
-                                 "d_model 64 (checkpoint) != 128 (now)", "n_layers 2 (checkpoint) != 4 (now)")
+    proc = peer(
+        work,
+        tmp_path,
+        "--data",
+        work / "corpus",
+        "--model",
+        "tiny",
+        "--checkpoint-dir",
+        ck,
+        "--resume",
+        "--max-steps",
+        "20",
+        "--metrics-file",
+        tmp_path / "metrics.jsonl",
+    )
+    line = assert_one_line_error(
+        proc,
+        f"checkpoint {ck / 'step-00000012'}",
+        "different model",
+        "d_model 64 (checkpoint) != 128 (now)",
+        "n_layers 2 (checkpoint) != 4 (now)",
+    )
     assert "--model" in line  # what to do about it
     assert snapshot(ck) == before
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -219,8 +296,9 @@ def test_resume_from_a_corrupt_meta(happy, work, tmp_path):
 
 def test_existing_checkpoints_without_resume_or_fresh(happy, work, tmp_path):
     ck, before = copy_checkpoints(happy, tmp_path)
-    proc = peer(work, tmp_path, "--data", work / "corpus", "--checkpoint-dir", ck,
-                "--metrics-file", tmp_path / "metrics.jsonl")
+    proc = peer(
+        work, tmp_path, "--data", work / "corpus", "--checkpoint-dir", ck, "--metrics-file", tmp_path / "metrics.jsonl"
+    )
     assert_one_line_error(proc, f"--checkpoint-dir {ck}", "already holds checkpoints", "--resume", "--fresh")
     assert snapshot(ck) == before
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -241,15 +319,19 @@ def test_bad_toml_value(work, tmp_path):
     assert_one_line_error(proc, str(toml), "train.lr = 'high': expected a number")
 
 
-@pytest.mark.parametrize(("args", "needles"), [
-    (["--batch-size", "x"], ["argument --batch-size: invalid int value: 'x'"]),
-    (["--inner-optimizer", "sgd"], ["argument --inner-optimizer: invalid choice: 'sgd'"]),
-    (["--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
-    (["--lr", "5"], ["--lr (TOML train.lr) = 5.0: must be in (0, 1)"]),
-    (["--batch-size", "6", "--micro-batch-size", "4"], ["--micro-batch-size", "must divide --batch-size (6)"]),
-    (["--model", "huge"], ["--model (TOML model.preset) = 'huge': unknown preset"]),
-    (["--resume"], ["--resume needs --checkpoint-dir"]),
-], ids=["int", "choice", "unknown", "lr", "micro-batch", "preset", "resume"])
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--batch-size", "x"], ["argument --batch-size: invalid int value: 'x'"]),
+        (["--inner-optimizer", "sgd"], ["argument --inner-optimizer: invalid choice: 'sgd'"]),
+        (["--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
+        (["--lr", "5"], ["--lr (TOML train.lr) = 5.0: must be in (0, 1)"]),
+        (["--batch-size", "6", "--micro-batch-size", "4"], ["--micro-batch-size", "must divide --batch-size (6)"]),
+        (["--model", "huge"], ["--model (TOML model.preset) = 'huge': unknown preset"]),
+        (["--resume"], ["--resume needs --checkpoint-dir"]),
+    ],
+    ids=["int", "choice", "unknown", "lr", "micro-batch", "preset", "resume"],
+)
 def test_bad_flag_value(work, tmp_path, args, needles):
     proc = peer(work, tmp_path, "--data", work / "corpus", "--metrics-file", tmp_path / "metrics.jsonl", *args)
     assert_one_line_error(proc, *needles)
@@ -261,14 +343,38 @@ def test_bad_flag_value(work, tmp_path, args, needles):
 # signals
 
 
-@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 0, "SIGTERM")],
-                         ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(
+    ("sig", "code", "said"), [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 0, "SIGTERM")], ids=["ctrl-c", "sigterm"]
+)
 def test_signal_saves_a_checkpoint_after_the_current_step(work, procs, tmp_path, sig, code, said):
     ck, metrics = tmp_path / "ck", tmp_path / "metrics.jsonl"
-    proc = procs.start(console("photon-peer") + [str(a) for a in BASE + ONE_THREAD + [
-        "--data", work / "corpus", "--cache-dir", work / "cache", "--max-steps", "100000", "--log-every", "1",
-        "--eval-every", "0", "--checkpoint-dir", ck, "--checkpoint-every", "100000", "--metrics-file", metrics]],
-        name="peer")
+    proc = procs.start(
+        console("photon-peer")
+        + [
+            str(a)
+            for a in BASE
+            + ONE_THREAD
+            + [
+                "--data",
+                work / "corpus",
+                "--cache-dir",
+                work / "cache",
+                "--max-steps",
+                "100000",
+                "--log-every",
+                "1",
+                "--eval-every",
+                "0",
+                "--checkpoint-dir",
+                ck,
+                "--checkpoint-every",
+                "100000",
+                "--metrics-file",
+                metrics,
+            ]
+        ],
+        name="peer",
+    )
     wait_until(lambda: metrics.exists() and len(read_metrics(metrics)) >= 3, timeout=90, what="training to start")
     proc.popen.send_signal(sig)  # to the process only, as `kill` does
     assert proc.wait(timeout=60) == code, proc.stderr

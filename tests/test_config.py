@@ -21,11 +21,23 @@ from photon_p2p.errors import ConfigError
 
 # values that satisfy each field's validation (the generic choice below would not)
 SAMPLES: dict[str, typing.Any] = {
-    "model.preset": "micro", "model.seq_len": 32, "data.tokenizer": "tok.json", "data.val_fraction": 0.1,
-    "data.partition": "1/3", "train.lr": 0.003, "train.alpha_f": 0.5, "train.weight_decay": 0.05,
-    "train.grad_clip": 0.5, "train.micro_batch_size": 4, "train.device": "cpu", "round.outer_lr": 0.5,
-    "round.outer_momentum": 0.5, "round.target_group_size": 4, "swarm.run_id": "my-run",
-    "log.log_level": "debug", "checkpoint.dir": "ckpt",
+    "model.preset": "micro",
+    "model.seq_len": 32,
+    "data.tokenizer": "tok.json",
+    "data.val_fraction": 0.1,
+    "data.partition": "1/3",
+    "train.lr": 0.003,
+    "train.alpha_f": 0.5,
+    "train.weight_decay": 0.05,
+    "train.grad_clip": 0.5,
+    "train.micro_batch_size": 4,
+    "train.device": "cpu",
+    "round.outer_lr": 0.5,
+    "round.outer_momentum": 0.5,
+    "round.target_group_size": 4,
+    "swarm.run_id": "my-run",
+    "log.log_level": "debug",
+    "checkpoint.dir": "ckpt",
 }
 # flags that are only valid together with others
 CONTEXT = {"checkpoint.resume": ["--checkpoint-dir", "ckpt"], "checkpoint.fresh": ["--checkpoint-dir", "ckpt"]}
@@ -112,8 +124,10 @@ def test_defaults_without_flags():
 
 def test_toml_overrides_defaults_and_flags_override_toml(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('[model]\npreset = "micro"\n[train]\nmax_steps = 50\nlr = 3e-3\nbatch-size = 8\n'
-                    '[data]\npaths = ["a.txt", "b.txt"]\n')
+    toml.write_text(
+        '[model]\npreset = "micro"\n[train]\nmax_steps = 50\nlr = 3e-3\nbatch-size = 8\n'
+        '[data]\npaths = ["a.txt", "b.txt"]\n'
+    )
     cfg, explicit = parse_config(["--config", str(toml), "--lr", "0.01", "--data", "c.txt"])
     assert cfg.model.preset == "micro"  # TOML over the default
     assert cfg.train.max_steps == 50
@@ -131,13 +145,16 @@ def test_toml_ints_are_accepted_for_floats(tmp_path):
     assert cfg.train.alpha_f == 1.0 and isinstance(cfg.train.alpha_f, float)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("[trian]\nlr = 0.1\n", "unknown table [trian] (did you mean 'train'?)"),
-    ("[train]\nmax_step = 3\n", "unknown key 'train.max_step' (did you mean 'max_steps'?)"),
-    ("[model]\nzzz = 3\n", "unknown key 'model.zzz' (known: "),
-    ("lr = 0.1\n", "unknown table [lr]"),
-    ("train = 3\n", "'train' must be a table"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[trian]\nlr = 0.1\n", "unknown table [trian] (did you mean 'train'?)"),
+        ("[train]\nmax_step = 3\n", "unknown key 'train.max_step' (did you mean 'max_steps'?)"),
+        ("[model]\nzzz = 3\n", "unknown key 'model.zzz' (known: "),
+        ("lr = 0.1\n", "unknown table [lr]"),
+        ("train = 3\n", "'train' must be a table"),
+    ],
+)
 def test_unknown_toml_tables_and_keys(tmp_path, text, expected):
     toml = tmp_path / "run.toml"
     toml.write_text(text)
@@ -147,18 +164,21 @@ def test_unknown_toml_tables_and_keys(tmp_path, text, expected):
     assert str(toml) in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ('[train]\nmax_steps = "ten"\n', "train.max_steps = 'ten': expected an integer"),
-    ("[train]\nmax_steps = 2.5\n", "train.max_steps = 2.5: expected an integer"),
-    ("[train]\nmax_steps = true\n", "train.max_steps = True: expected an integer"),
-    ("[train]\nlr = true\n", "train.lr = True: expected a number"),
-    ('[train]\nlr = "fast"\n', "train.lr = 'fast': expected a number"),
-    ("[log]\nprogress = 1\n", "log.progress = 1: expected true or false"),
-    ('[train]\ninner_optimizer = "sgd"\n', "train.inner_optimizer = 'sgd': choose one of adamw, adamw8bit"),
-    ("[data]\npaths = 3\n", "data.paths = 3: expected a list"),
-    ("[data]\npaths = [1, 2]\n", "data.paths = 1: expected a string"),
-    ("[model]\nseq_len = 4\n", "--seq-len (TOML model.seq_len) = 4: must be at least 8"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[train]\nmax_steps = "ten"\n', "train.max_steps = 'ten': expected an integer"),
+        ("[train]\nmax_steps = 2.5\n", "train.max_steps = 2.5: expected an integer"),
+        ("[train]\nmax_steps = true\n", "train.max_steps = True: expected an integer"),
+        ("[train]\nlr = true\n", "train.lr = True: expected a number"),
+        ('[train]\nlr = "fast"\n', "train.lr = 'fast': expected a number"),
+        ("[log]\nprogress = 1\n", "log.progress = 1: expected true or false"),
+        ('[train]\ninner_optimizer = "sgd"\n', "train.inner_optimizer = 'sgd': choose one of adamw, adamw8bit"),
+        ("[data]\npaths = 3\n", "data.paths = 3: expected a list"),
+        ("[data]\npaths = [1, 2]\n", "data.paths = 1: expected a string"),
+        ("[model]\nseq_len = 4\n", "--seq-len (TOML model.seq_len) = 4: must be at least 8"),
+    ],
+)
 def test_wrong_types_in_toml(tmp_path, text, expected):
     toml = tmp_path / "run.toml"
     toml.write_text(text)
@@ -178,24 +198,29 @@ def test_unreadable_toml(tmp_path):
     assert str(bad) in str(e.value)
 
 
-@pytest.mark.parametrize(("argv", "expected"), [
-    (["--batch-size", "6", "--micro-batch-size", "4"], "--micro-batch-size (TOML train.micro_batch_size) = 4: must "
-                                                       "divide --batch-size (6)"),
-    (["--micro-batch-size", "32"], "--micro-batch-size (TOML train.micro_batch_size) = 32: must divide"),
-    (["--lr", "2"], "--lr (TOML train.lr) = 2.0: must be in (0, 1)"),
-    (["--max-steps", "0"], "--max-steps (TOML train.max_steps) = 0: must be at least 1"),
-    (["--val-fraction", "0.7"], "--val-fraction (TOML data.val_fraction) = 0.7: must be in (0, 0.5)"),
-    (["--data-partition", "3/3"], "--data-partition (TOML data.partition) = '3/3': use K/N"),
-    (["--model", "huge"], "--model (TOML model.preset) = 'huge': unknown preset"),
-    (["--device", "tpu"], "--device (TOML train.device) = 'tpu': choose auto, cpu, cuda or cuda:N"),
-    (["--keep-checkpoints", "0"], "--keep-checkpoints (TOML checkpoint.keep) = 0: must be at least 1"),
-    (["--resume"], "--resume needs --checkpoint-dir"),
-    (["--fresh"], "--fresh needs --checkpoint-dir"),
-    (["--resume", "--fresh", "--checkpoint-dir", "x"], "--resume and --fresh contradict each other"),
-    (["--local-only", "--initial-peers", "/ip4/1.2.3.4/tcp/1"], "--local-only and --initial-peers contradict"),
-    (["--target-group-size", "2", "--min-group-size", "3"], "must not exceed --target-group-size (2)"),
-    (["--run-id", "a b"], "--run-id (TOML swarm.run_id) = 'a b'"),
-])
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["--batch-size", "6", "--micro-batch-size", "4"],
+            "--micro-batch-size (TOML train.micro_batch_size) = 4: must divide --batch-size (6)",
+        ),
+        (["--micro-batch-size", "32"], "--micro-batch-size (TOML train.micro_batch_size) = 32: must divide"),
+        (["--lr", "2"], "--lr (TOML train.lr) = 2.0: must be in (0, 1)"),
+        (["--max-steps", "0"], "--max-steps (TOML train.max_steps) = 0: must be at least 1"),
+        (["--val-fraction", "0.7"], "--val-fraction (TOML data.val_fraction) = 0.7: must be in (0, 0.5)"),
+        (["--data-partition", "3/3"], "--data-partition (TOML data.partition) = '3/3': use K/N"),
+        (["--model", "huge"], "--model (TOML model.preset) = 'huge': unknown preset"),
+        (["--device", "tpu"], "--device (TOML train.device) = 'tpu': choose auto, cpu, cuda or cuda:N"),
+        (["--keep-checkpoints", "0"], "--keep-checkpoints (TOML checkpoint.keep) = 0: must be at least 1"),
+        (["--resume"], "--resume needs --checkpoint-dir"),
+        (["--fresh"], "--fresh needs --checkpoint-dir"),
+        (["--resume", "--fresh", "--checkpoint-dir", "x"], "--resume and --fresh contradict each other"),
+        (["--local-only", "--initial-peers", "/ip4/1.2.3.4/tcp/1"], "--local-only and --initial-peers contradict"),
+        (["--target-group-size", "2", "--min-group-size", "3"], "must not exceed --target-group-size (2)"),
+        (["--run-id", "a b"], "--run-id (TOML swarm.run_id) = 'a b'"),
+    ],
+)
 def test_validation_names_the_flag(argv, expected):
     with pytest.raises(ConfigError) as e:
         parse_config(argv)
@@ -213,8 +238,9 @@ def test_validation_applies_to_toml_values_too(tmp_path):
     assert cfg.train.micro_batch == 3
 
 
-@pytest.mark.parametrize("argv", [["--batch-size", "x"], ["--lr", "fast"], ["--inner-optimizer", "sgd"],
-                                  ["--no-such-flag"], ["--max-steps"]])
+@pytest.mark.parametrize(
+    "argv", [["--batch-size", "x"], ["--lr", "fast"], ["--inner-optimizer", "sgd"], ["--no-such-flag"], ["--max-steps"]]
+)
 def test_bad_flag_is_one_error_line(capsys, argv):
     with pytest.raises(SystemExit) as e:
         parse_config(argv)
@@ -249,11 +275,19 @@ def test_run_config_dict_round_trip():
         RunConfig.from_dict({"train": {"bogus": 1}}, origin="checkpoint")
 
 
-@pytest.mark.parametrize("module, argv", [
-    ("peer", ["--bogus"]), ("bootstrap", ["--bogus"]), ("status", ["--run-id", "x"]), ("swarm", ["--bogus"]),
-    ("export", ["--bogus"]), ("tokenizer", ["train", "--vocab-size", "many"]), ("plot", ["--bogus"]),
-    ("generate", ["--bogus"]),
-])
+@pytest.mark.parametrize(
+    "module, argv",
+    [
+        ("peer", ["--bogus"]),
+        ("bootstrap", ["--bogus"]),
+        ("status", ["--run-id", "x"]),
+        ("swarm", ["--bogus"]),
+        ("export", ["--bogus"]),
+        ("tokenizer", ["train", "--vocab-size", "many"]),
+        ("plot", ["--bogus"]),
+        ("generate", ["--bogus"]),
+    ],
+)
 def test_every_cli_reports_a_bad_flag_in_one_line(capsys, module, argv):
     import importlib
 

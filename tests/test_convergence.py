@@ -16,8 +16,22 @@ from tests.helpers.procs import all_gone, console
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["--model", "micro", "--max-steps", "300", "--local-steps", "20", "--eval-every", "300",
-          "--eval-batches", "16", "--batch-size", "16", "--lr", "3e-3"]
+COMMON = [
+    "--model",
+    "micro",
+    "--max-steps",
+    "300",
+    "--local-steps",
+    "20",
+    "--eval-every",
+    "300",
+    "--eval-batches",
+    "16",
+    "--batch-size",
+    "16",
+    "--lr",
+    "3e-3",
+]
 
 
 def _final_val_loss(metrics) -> float:
@@ -29,12 +43,28 @@ def test_three_peer_swarm_beats_one_peer_on_its_third(procs, tmp_path, shared_da
     corpus = str(shared_data / "tinyshakespeare.txt.gz")
     cache = ["--cache-dir", str(tmp_path / "cache")]
     # one after the other: running both at once on two cores only makes each slower
-    solo = procs.start(console("photon-peer") + ["--local-only", "--data", corpus, "--data-partition", "0/3",
-                                                 "--metrics-file", "metrics.jsonl", "--no-progress", *COMMON, *cache],
-                       "solo")
+    solo = procs.start(
+        console("photon-peer")
+        + [
+            "--local-only",
+            "--data",
+            corpus,
+            "--data-partition",
+            "0/3",
+            "--metrics-file",
+            "metrics.jsonl",
+            "--no-progress",
+            *COMMON,
+            *cache,
+        ],
+        "solo",
+    )
     assert solo.wait(300) == 0, solo.output()[-4000:]
-    swarm = procs.start(console("photon-swarm") + ["--peers", "3", "--data", corpus, "--workdir",
-                                                   str(tmp_path / "run"), "--fresh", *COMMON, *cache], "swarm")
+    swarm = procs.start(
+        console("photon-swarm")
+        + ["--peers", "3", "--data", corpus, "--workdir", str(tmp_path / "run"), "--fresh", *COMMON, *cache],
+        "swarm",
+    )
     descendants = []
     while swarm.alive():
         descendants = swarm.descendants() or descendants

@@ -45,23 +45,49 @@ PEER_A, PEER_B = "QmAAAAbbbbccccddddeeeeffff1111", "QmBBBBbbbbccccddddeeeeffff22
 
 
 def _peer(peer_id: str, **changes) -> dict:
-    peer = dict(peer_id=peer_id, stage="training", round=0, step=0, tokens=0, tokens_per_s=100.0, loss=None,
-                val_ppl=None, device="cpu", version="0.1.0", last_seen_s=1.0, client_mode=False)
+    peer = dict(
+        peer_id=peer_id,
+        stage="training",
+        round=0,
+        step=0,
+        tokens=0,
+        tokens_per_s=100.0,
+        loss=None,
+        val_ppl=None,
+        device="cpu",
+        version="0.1.0",
+        last_seen_s=1.0,
+        client_mode=False,
+    )
     peer.update(changes)
     return peer
 
 
 def _snapshot(*peers: dict, **changes) -> dict:
     total = sum(p.get("tokens_per_s", 0) for p in peers if isinstance(p, dict))
-    status = dict(run_id="r", manifest={"hash": "ab" * 32, "model_preset": "micro"}, peers=list(peers),
-                  total_tokens_per_s=total, rejected_records=0, rejected_reasons={})
+    status = dict(
+        run_id="r",
+        manifest={"hash": "ab" * 32, "model_preset": "micro"},
+        peers=list(peers),
+        total_tokens_per_s=total,
+        rejected_records=0,
+        rejected_reasons={},
+    )
     status.update(changes)
     return status
 
 
 def _summary(round_: int, **changes) -> dict:
-    last = dict(round=round_, outcome="averaged", train_s=2.0, matchmaking_s=0.5, allreduce_s=0.25, loss=4.0,
-                val_ppl=None, tokens=1000)
+    last = dict(
+        round=round_,
+        outcome="averaged",
+        train_s=2.0,
+        matchmaking_s=0.5,
+        allreduce_s=0.25,
+        loss=4.0,
+        val_ppl=None,
+        tokens=1000,
+    )
     last.update(changes)
     return last
 
@@ -94,8 +120,10 @@ def test_round_summaries_count_once_per_peer_and_round_and_win_over_heartbeats()
     b3 = _summary(3, train_s=4.0, matchmaking_s=0.0, allreduce_s=1.5, loss=2.5, outcome="late")
     h.add(_snapshot(_peer(PEER_A, round=3, loss=9.0)), at=1.0)  # a heartbeat during round 3
     for t in range(2, 7):  # the same summaries, seen in five snapshots
-        h.add(_snapshot(_peer(PEER_A, round=4, loss=3.0, last_round=a3),
-                        _peer(PEER_B, round=4, loss=3.1, last_round=b3)), at=float(t))
+        h.add(
+            _snapshot(_peer(PEER_A, round=4, loss=3.0, last_round=a3), _peer(PEER_B, round=4, loss=3.1, last_round=b3)),
+            at=float(t),
+        )
     h.add(_snapshot(_peer(PEER_A, round=3, loss=8.0)), at=7.0)  # a stale heartbeat must not override the summary
     r3 = _by_round(h)[3]
     assert r3["summarised"] == 2 and r3["peers"] == 2
@@ -133,13 +161,19 @@ def test_theta_agreement_from_the_snapshot_or_counted_from_peers():
 def test_hostile_or_missing_values_are_ignored():
     h = History()
     h.add({"peers": None}, at=1.0)
-    h.add(_snapshot(
-        _peer(PEER_A, round=-1, loss=1.0), _peer(PEER_B, round=True, loss=1.0), {"round": 1, "loss": 1.0},
-        "not a dict", _peer("Qm3", round=2, loss=math.nan, val_ppl=math.inf, tokens_per_s=math.nan),
-        _peer("Qm4", round=2, loss="low", last_round={"round": "2", "train_s": 1.0}),
-        _peer("Qm5", round=2, loss=1.5, last_round=_summary(1, train_s=math.inf, outcome="x" * 500)),
-        total_tokens_per_s=math.nan,
-    ), at=2.0)
+    h.add(
+        _snapshot(
+            _peer(PEER_A, round=-1, loss=1.0),
+            _peer(PEER_B, round=True, loss=1.0),
+            {"round": 1, "loss": 1.0},
+            "not a dict",
+            _peer("Qm3", round=2, loss=math.nan, val_ppl=math.inf, tokens_per_s=math.nan),
+            _peer("Qm4", round=2, loss="low", last_round={"round": "2", "train_s": 1.0}),
+            _peer("Qm5", round=2, loss=1.5, last_round=_summary(1, train_s=math.inf, outcome="x" * 500)),
+            total_tokens_per_s=math.nan,
+        ),
+        at=2.0,
+    )
     rounds = _by_round(h)
     assert sorted(rounds) == [1, 2]
     assert rounds[2]["loss_mean"] == 1.5 and rounds[2]["peers"] == 1
@@ -151,8 +185,10 @@ def test_hostile_or_missing_values_are_ignored():
 def test_memory_is_bounded():
     h = History(max_points=50, max_rounds=20)
     for i in range(300):
-        h.add(_snapshot(_peer(PEER_A, round=i, loss=1.0, theta_hash="aa", last_round=_summary(max(0, i - 1)))),
-              at=float(i))
+        h.add(
+            _snapshot(_peer(PEER_A, round=i, loss=1.0, theta_hash="aa", last_round=_summary(max(0, i - 1)))),
+            at=float(i),
+        )
     d = h.to_dict()
     assert len(d["throughput"]) == 50 and len(d["theta"]) == 50 and d["throughput"][-1]["t"] == 299.0
     assert [r["round"] for r in d["rounds"]] == list(range(280, 300)), "the least recently updated rounds go first"
@@ -163,10 +199,17 @@ def test_memory_is_bounded():
 # --serve parsing
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("8080", (DEFAULT_HOST, 8080)), ("0", ("127.0.0.1", 0)), ("0.0.0.0:80", ("0.0.0.0", 80)),
-    ("localhost:9000", ("localhost", 9000)), ("[::1]:8080", ("::1", 8080)), (" 127.0.0.1:65535 ", ("127.0.0.1", 65535)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("8080", (DEFAULT_HOST, 8080)),
+        ("0", ("127.0.0.1", 0)),
+        ("0.0.0.0:80", ("0.0.0.0", 80)),
+        ("localhost:9000", ("localhost", 9000)),
+        ("[::1]:8080", ("::1", 8080)),
+        (" 127.0.0.1:65535 ", ("127.0.0.1", 65535)),
+    ],
+)
 def test_parse_serve(text, expected):
     assert parse_serve(text) == expected
 
@@ -192,13 +235,16 @@ def test_default_bind_host_is_loopback():
 def test_serve_flag_errors(tmp_path):
     peers = ["--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/QmbMExRXwcK3vMoz1geMPzPq2XxGQLbkLQYDvkn6XKcpPj"]
     status = console("photon-status") + peers + ["--run-id", "r"]
-    runs = run_cli_batch({
-        "status_bad": status + ["--serve", "nope"],
-        "status_json": status + ["--serve", "8080", "--json"],
-        "status_watch": status + ["--serve", "8080", "--watch", "2"],
-        "status_period": status + ["--serve", "8080", "--serve-period", "0.1"],
-        "bootstrap_bad": console("photon-bootstrap") + ["--serve", "host:99999"],
-    }, tmp_path)
+    runs = run_cli_batch(
+        {
+            "status_bad": status + ["--serve", "nope"],
+            "status_json": status + ["--serve", "8080", "--json"],
+            "status_watch": status + ["--serve", "8080", "--watch", "2"],
+            "status_period": status + ["--serve", "8080", "--serve-period", "0.1"],
+            "bootstrap_bad": console("photon-bootstrap") + ["--serve", "host:99999"],
+        },
+        tmp_path,
+    )
     for case in ("status_bad", "bootstrap_bad"):
         assert runs[case].returncode == 2
         assert_one_line_error(runs[case], "--serve", "expected [HOST:]PORT")
@@ -348,9 +394,17 @@ def browser():
     profile = tempfile.mkdtemp(prefix="ph-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-extensions", "--disable-background-networking", f"--user-data-dir={profile}",
-                "--window-size=1280,2000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,2000",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
@@ -369,16 +423,31 @@ def swarm(tmp_path_factory):
     pool = ProcessPool(work)
     try:
         boot, entry = start_bootstrap(pool, work, "bootstrap", "--serve", "127.0.0.1:0", "--serve-period", "1")
-        common = dict(run_id=RUN, cache=work / "cache", initial_peers=[entry], local_steps=5, max_steps=1_000_000,
-                      extra=["--eval-every", "10"])
+        common = dict(
+            run_id=RUN,
+            cache=work / "cache",
+            initial_peers=[entry],
+            local_steps=5,
+            max_steps=1_000_000,
+            extra=["--eval-every", "10"],
+        )
         # niced: two peers training flat out would otherwise keep both cores from photon-status and the browser
         peers = [pool.start(["nice", "-n", "15", *peer_args(name, **common)], name) for name in ("a", "b")]
         ids = [p.wait_for(r"initial-peers /ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+)", 90).group(1) for p in peers]
         peers[0].wait_for(r"(started|joining) run 'dash'", 90)
-        status = pool.start(console("photon-status") + ["--initial-peers", entry, "--run-id", RUN, "--serve",
-                                                        "127.0.0.1:0", "--serve-period", "1"], "status")
-        yield dict(boot=boot, boot_url=boot.wait_for(DASHBOARD_RE, 30).group(1), peers=peers, ids=ids,
-                   status=status, status_url=status.wait_for(DASHBOARD_RE, 60).group(1))
+        status = pool.start(
+            console("photon-status")
+            + ["--initial-peers", entry, "--run-id", RUN, "--serve", "127.0.0.1:0", "--serve-period", "1"],
+            "status",
+        )
+        yield dict(
+            boot=boot,
+            boot_url=boot.wait_for(DASHBOARD_RE, 30).group(1),
+            peers=peers,
+            ids=ids,
+            status=status,
+            status_url=status.wait_for(DASHBOARD_RE, 60).group(1),
+        )
     finally:
         pool.close()
 
@@ -414,8 +483,11 @@ def _wait(driver, what: str, predicate, timeout: float = 90):
 def test_status_page_lists_the_peers_and_updates(browser, swarm):  # browser first: skip before starting a swarm
     browser.get(swarm["status_url"])
     first = _wait(browser, "both peers listed", lambda d: (rows := _rows(d)).keys() >= set(swarm["ids"]) and rows)
-    _wait(browser, "the page updates (a peer's round or step changes)",
-          lambda d: any(_rows(d).get(pid, first[pid]) != first[pid] for pid in swarm["ids"]))
+    _wait(
+        browser,
+        "the page updates (a peer's round or step changes)",
+        lambda d: any(_rows(d).get(pid, first[pid]) != first[pid] for pid in swarm["ids"]),
+    )
     from selenium.webdriver.common.by import By
 
     text = browser.find_element(By.TAG_NAME, "body").text
@@ -433,13 +505,17 @@ def test_bootstrap_page_lists_the_run(browser, swarm):
     from selenium.webdriver.common.by import By
 
     browser.get(swarm["boot_url"])
-    _wait(browser, "the run listed", lambda d: [li.get_attribute("data-run-id")
-                                                for li in d.find_elements(By.CSS_SELECTOR, "#runs li")] == [RUN])
+    _wait(
+        browser,
+        "the run listed",
+        lambda d: [li.get_attribute("data-run-id") for li in d.find_elements(By.CSS_SELECTOR, "#runs li")] == [RUN],
+    )
     _wait(browser, "the only run shown, with both peers", lambda d: _rows(d).keys() >= set(swarm["ids"]))
     assert browser.find_element(By.ID, "run-title").text == f"run {RUN}"
     browser.get(swarm["boot_url"] + "?run=nope")
-    _wait(browser, "an unknown run's error",
-          lambda d: "run 'nope' was not found" in d.find_element(By.ID, "error").text)
+    _wait(
+        browser, "an unknown run's error", lambda d: "run 'nope' was not found" in d.find_element(By.ID, "error").text
+    )
     assert _console_errors(browser) == []
 
 

@@ -51,11 +51,15 @@ def offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"tie_embeddings": False},
-    {"n_kv_heads": 2, "rope_theta": 500000.0},
-], ids=["tied", "untied", "gqa-rope-theta"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_embeddings": False},
+        {"n_kv_heads": 2, "rope_theta": 500000.0},
+    ],
+    ids=["tied", "untied", "gqa-rope-theta"],
+)
 def test_transformers_computes_the_same_logits(tmp_path, overrides):
     model = random_model(**overrides)
     out = export_hf(model, tmp_path / "export")
@@ -80,7 +84,8 @@ def test_tokenizer_files_load(tmp_path):
     tok_json = tiny_tokenizer_json()
     out = export_hf(random_model(), tmp_path / "export", tokenizer_json=tok_json, eos_token=EOS)
     assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     config = json.loads((out / "config.json").read_text())
     assert config["eos_token_id"] == 0 and config["bos_token_id"] == 0
 

@@ -57,8 +57,15 @@ def _swarm(procs, tb, tmp_path, names, *, local_steps: int, rounds_: int, extra=
     built, before round 0 (importing torch and hivemind at 1/8 of a core alone takes most of a minute)."""
     entry = start_bootstrap(procs, "boot", field=tb)
     flags = ["--wait-for-peers", str(len(names)), *extra]
-    common = dict(run_id="field", cache=tmp_path / "cache", initial_peers=[entry], local_steps=local_steps,
-                  max_steps=local_steps * rounds_, extra=flags, field=tb)
+    common = dict(
+        run_id="field",
+        cache=tmp_path / "cache",
+        initial_peers=[entry],
+        local_steps=local_steps,
+        max_steps=local_steps * rounds_,
+        extra=flags,
+        field=tb,
+    )
     peers = [start_peer(procs, name, **common) for name in names]
     for name, cores in (cpu or {}).items():
         next(p for p in peers if p.name == name).wait_for(r"model micro", timeout=120)
@@ -75,8 +82,9 @@ def test_uneven_peers_lose_no_work_and_the_fast_one_does_not_wait(procs, field, 
         HostSpec("half", 100, cpu=1.0),
         HostSpec("slow", 100, cpu=1.0),
     )
-    recs = _swarm(procs, tb, tmp_path, ["fast", "half", "slow"], local_steps=400, rounds_=4,
-                  cpu={"half": 0.5, "slow": 0.125})
+    recs = _swarm(
+        procs, tb, tmp_path, ["fast", "half", "slow"], local_steps=400, rounds_=4, cpu={"half": 0.5, "slow": 0.125}
+    )
     speeds = {name: _speed(r) for name, r in recs.items()}
     assert speeds["fast"] > 3 * speeds["slow"], f"the slow peer is not slow enough to mean anything: {speeds}"
     for name, by_round in recs.items():
@@ -104,8 +112,9 @@ def test_one_fast_two_slow_no_solo_rounds_one_theta(procs, field, tmp_path):
         HostSpec("slow1", 100, cpu=1.0),
         HostSpec("slow2", 100, cpu=1.0),
     )
-    recs = _swarm(procs, tb, tmp_path, ["fast", "slow1", "slow2"], local_steps=40, rounds_=4,
-                  cpu={"slow1": 0.125, "slow2": 0.125})
+    recs = _swarm(
+        procs, tb, tmp_path, ["fast", "slow1", "slow2"], local_steps=40, rounds_=4, cpu={"slow1": 0.125, "slow2": 0.125}
+    )
     speeds = {name: _speed(r) for name, r in recs.items()}
     assert speeds["fast"] > 3 * max(speeds["slow1"], speeds["slow2"]), speeds
     for name, by_round in recs.items():

@@ -91,19 +91,37 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(spec):
 
 
 def test_fit_flags_parse_and_validate(tmp_path):
-    cfg, _ = parse_config(["--micro-batch-size", "auto", "--memory-limit", "1.5", "--activation-checkpointing", "on",
-                           "--device", "mps", "--inner-optimizer", "auto"])
+    cfg, _ = parse_config(
+        [
+            "--micro-batch-size",
+            "auto",
+            "--memory-limit",
+            "1.5",
+            "--activation-checkpointing",
+            "on",
+            "--device",
+            "mps",
+            "--inner-optimizer",
+            "auto",
+        ]
+    )
     t = cfg.train
     assert (t.micro_batch_size, t.memory_limit, t.activation_checkpointing, t.device) == (None, 1.5, "on", "mps")
     defaults, _ = parse_config([])
-    assert (defaults.train.micro_batch_size, defaults.train.inner_optimizer, defaults.train.memory_limit,
-            defaults.train.activation_checkpointing) == (None, "auto", None, "auto")
+    assert (
+        defaults.train.micro_batch_size,
+        defaults.train.inner_optimizer,
+        defaults.train.memory_limit,
+        defaults.train.activation_checkpointing,
+    ) == (None, "auto", None, "auto")
     toml = tmp_path / "run.toml"
     toml.write_text('[train]\nmicro_batch_size = "auto"\nbatch_size = 8\n')
     assert parse_config(["--config", str(toml)])[0].train.micro_batch_size is None
-    for argv, expected in ((["--memory-limit", "0"], "--memory-limit (TOML train.memory_limit) = 0.0: must be > 0"),
-                           (["--device", "cuda:x"], "--device (TOML train.device) = 'cuda:x': choose auto, cpu"),
-                           (["--batch-size", "6", "--micro-batch-size", "4"], "must divide --batch-size (6)")):
+    for argv, expected in (
+        (["--memory-limit", "0"], "--memory-limit (TOML train.memory_limit) = 0.0: must be > 0"),
+        (["--device", "cuda:x"], "--device (TOML train.device) = 'cuda:x': choose auto, cpu"),
+        (["--batch-size", "6", "--micro-batch-size", "4"], "must divide --batch-size (6)"),
+    ):
         with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
             parse_config(argv)
 
@@ -112,9 +130,15 @@ def test_fit_flags_parse_and_validate(tmp_path):
 # the estimate against the model
 
 
-@pytest.mark.parametrize("args", [
-    build_model_args("micro", vocab_size=320), build_model_args("125m", vocab_size=4096),
-    build_model_args("tiny", vocab_size=320, tie_embeddings=False), small_args(n_heads=4, n_kv_heads=2)])
+@pytest.mark.parametrize(
+    "args",
+    [
+        build_model_args("micro", vocab_size=320),
+        build_model_args("125m", vocab_size=4096),
+        build_model_args("tiny", vocab_size=320, tie_embeddings=False),
+        small_args(n_heads=4, n_kv_heads=2),
+    ],
+)
 def test_parameter_count_is_the_models(args):
     with torch.device("meta"):
         model = Transformer(args)
@@ -128,8 +152,10 @@ def test_estimate_grows_with_batch_sequence_and_model():
     assert by_micro == sorted(by_micro) and len(set(by_micro)) == 5
     by_seq = [estimate_memory(args, micro_batch=4, seq_len=s).device_total for s in (16, 32, 64, 128)]
     assert by_seq == sorted(by_seq) and len(set(by_seq)) == 4
-    by_model = [total(build_model_args(p, vocab_size=4096, seq_len=256), 4) for p in ("micro", "tiny", "125m", "350m",
-                                                                                     "1b", "3b", "7b")]
+    by_model = [
+        total(build_model_args(p, vocab_size=4096, seq_len=256), 4)
+        for p in ("micro", "tiny", "125m", "350m", "1b", "3b", "7b")
+    ]
     assert by_model == sorted(by_model) and len(set(by_model)) == 7
 
 
@@ -163,10 +189,15 @@ def saved_bytes(model: Transformer, x: torch.Tensor, autocast: bool = False) -> 
     return sum(seen.values())
 
 
-@pytest.mark.parametrize(("args", "bf16"), [(build_model_args("micro", vocab_size=320), False),
-                                            (build_model_args("tiny", vocab_size=320), False),
-                                            (small_args(n_heads=4, n_kv_heads=2, max_seq_len=64), False),
-                                            (build_model_args("tiny", vocab_size=320), True)])
+@pytest.mark.parametrize(
+    ("args", "bf16"),
+    [
+        (build_model_args("micro", vocab_size=320), False),
+        (build_model_args("tiny", vocab_size=320), False),
+        (small_args(n_heads=4, n_kv_heads=2, max_seq_len=64), False),
+        (build_model_args("tiny", vocab_size=320), True),
+    ],
+)
 def test_saved_activations_match_the_per_layer_formula(args, bf16):
     torch.manual_seed(0)
     model = Transformer(args).train()
@@ -176,16 +207,19 @@ def test_saved_activations_match_the_per_layer_formula(args, bf16):
     c = 2 if bf16 else 4
     # the blocks, the final norm (its input, normalised fp32 and compute-dtype output) and the log-softmax output
     # (fp32, V per token); the token ids and the backward-pass terms are not saved tensors
-    formula = tokens * (args.n_layers * fit.activation_bytes_per_token_layer(args, c) + (8 + c) * args.d_model
-                        + 4 * args.vocab_size)
+    formula = tokens * (
+        args.n_layers * fit.activation_bytes_per_token_layer(args, c) + (8 + c) * args.d_model + 4 * args.vocab_size
+    )
     if bf16:  # autocast's bf16 copies of the weights, counted in the estimate's weights
         formula += 2 * sum(param_numels(args)) - 2 * (args.n_layers * 2 + 1) * args.d_model  # the norms stay fp32
     measured = saved_bytes(model, x, autocast=bf16)
     assert measured == pytest.approx(formula, rel=0.05), (measured, formula)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("adamw8bit", marks=pytest.mark.skipif(
-    not HAS_BNB, reason="bitsandbytes is not installed"))])
+@pytest.mark.parametrize(
+    "optimizer",
+    ["adamw", pytest.param("adamw8bit", marks=pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed"))],
+)
 def test_optimizer_state_bytes_match(optimizer):
     args = build_model_args("micro", vocab_size=320)
     torch.manual_seed(0)
@@ -194,9 +228,12 @@ def test_optimizer_state_bytes_match(optimizer):
     tokens = np.random.default_rng(0).integers(0, 320, 5_000).astype(np.uint16)
     trainer.step(BatchSampler(tokens, seq_len=args.max_seq_len, batch_size=2, seed=0), 0)
     # bitsandbytes shares its quantisation maps between parameters: each storage once, the step counters left out
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for s in trainer.optimizer.state.values() for k, t in s.items()
-                if isinstance(t, torch.Tensor) and k != "step"}
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for s in trainer.optimizer.state.values()
+        for k, t in s.items()
+        if isinstance(t, torch.Tensor) and k != "step"
+    }
     state = sum(storages.values())
     assert state == pytest.approx(estimate_memory(args, micro_batch=2, optimizer=optimizer).optimizer, rel=0.02)
 
@@ -235,9 +272,16 @@ print(json.dumps({"growth": peak - base}))
 def test_estimate_is_close_to_the_measured_peak_rss():
     """Real steps in fresh processes (both at once: two cores); peak RSS growth over the start vs the estimate."""
     cases = [(16, False), (16, True)]
-    procs = [subprocess.Popen([sys.executable, "-c", MEASURE, str(m), "1" if c else "0"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
-             for m, c in cases]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MEASURE, str(m), "1" if c else "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        for m, c in cases
+    ]
     args = build_model_args("tiny", vocab_size=4096)
     report = []
     for (micro, ckpt), proc in zip(cases, procs, strict=True):
@@ -245,8 +289,10 @@ def test_estimate_is_close_to_the_measured_peak_rss():
         assert proc.returncode == 0, err
         growth = json.loads(out.strip().splitlines()[-1])["growth"]
         est = estimate_memory(args, micro_batch=micro, activation_checkpointing=ckpt)
-        report.append(f"micro-batch {micro} ckpt {ckpt}: measured {growth / MiB:.0f} MiB, estimated "
-                      f"{est.subtotal / MiB:.0f} MiB (+ margin {est.margin / MiB:.0f} MiB)")
+        report.append(
+            f"micro-batch {micro} ckpt {ckpt}: measured {growth / MiB:.0f} MiB, estimated "
+            f"{est.subtotal / MiB:.0f} MiB (+ margin {est.margin / MiB:.0f} MiB)"
+        )
         assert 0.5 * est.subtotal <= growth <= 2.0 * est.subtotal, report[-1]
         assert growth <= est.device_total * 1.25, report[-1]  # the margin covers what the formula misses, roughly
     print("\n".join(report))
@@ -258,8 +304,12 @@ def test_estimate_is_close_to_the_measured_peak_rss():
 
 def test_room_enough_keeps_todays_behaviour():
     plan = plan_fit(small_args(), train_cfg(batch_size=16), CPU, available=64 * GiB)
-    assert (plan.micro_batch, plan.accumulation, plan.optimizer, plan.activation_checkpointing) == (16, 1, "adamw",
-                                                                                                    False)
+    assert (plan.micro_batch, plan.accumulation, plan.optimizer, plan.activation_checkpointing) == (
+        16,
+        1,
+        "adamw",
+        False,
+    )
     line = plan.describe()
     assert line.startswith("device cpu (--device cpu); memory ~") and "of 64.00 GiB free" in line
     assert "micro-batch 16 = batch 16, no accumulation; AdamW, fp32, no activation checkpointing" in line
@@ -270,8 +320,12 @@ def test_tight_memory_accumulates_with_the_largest_dividing_micro_batch():
     args, cfg = small_args(max_seq_len=64), train_cfg(batch_size=12)
     budget = total(args, 5)  # 4 fits, 6 does not, 5 would but does not divide 12
     plan = plan_fit(args, cfg, CPU, available=budget)
-    assert (plan.micro_batch, plan.accumulation, plan.optimizer, plan.activation_checkpointing) == (4, 3, "adamw",
-                                                                                                    False)
+    assert (plan.micro_batch, plan.accumulation, plan.optimizer, plan.activation_checkpointing) == (
+        4,
+        3,
+        "adamw",
+        False,
+    )
     assert plan.estimate.device_total <= budget
     assert "micro-batch 4 x 3 accumulation = batch 12" in plan.describe()
     assert "batch 12 in one pass needs ~" in plan.describe()
@@ -307,8 +361,9 @@ def test_fallbacks_come_in_the_documented_order():
     line = plan_fit(args, cfg, CPU, available=ckpt1 - 1).describe()
     assert "8-bit AdamW, fp32, activation checkpointing" in line and "even micro-batch 1 with AdamW needs ~" in line
     # pinned settings are never changed: no 8-bit with --inner-optimizer adamw, no checkpointing when off
-    assert plan_fit(args, train_cfg(batch_size=8, inner_optimizer="adamw"), CPU,
-                    available=plain1 - 1).activation_checkpointing
+    assert plan_fit(
+        args, train_cfg(batch_size=8, inner_optimizer="adamw"), CPU, available=plain1 - 1
+    ).activation_checkpointing
     off = train_cfg(batch_size=8, activation_checkpointing="off")
     assert plan_fit(args, off, CPU, available=plain1 - 1).optimizer == "adamw8bit"
     with pytest.raises(ConfigError, match="--activation-checkpointing off as set"):
@@ -320,8 +375,9 @@ def test_nothing_fits_is_one_line_with_the_numbers():
     with pytest.raises(ConfigError) as e:
         plan_fit(args, train_cfg(batch_size=16, memory_limit=1.0), CPU, model_name="--model 1b", available=64 * GiB)
     msg = str(e.value)
-    smallest = estimate_memory(args, micro_batch=1, optimizer="adamw8bit" if HAS_BNB else "adamw",
-                               activation_checkpointing=True)
+    smallest = estimate_memory(
+        args, micro_batch=1, optimizer="adamw8bit" if HAS_BNB else "adamw", activation_checkpointing=True
+    )
     assert "\n" not in msg
     assert msg.startswith("--model 1b (1.23B parameters) does not fit: even micro-batch 1 with ")
     assert f"needs ~{fit.human_bytes(smallest.device_total)} (weights 4.60 GiB, gradients 4.60 GiB" in msg
@@ -341,8 +397,9 @@ def test_memory_limit_replaces_the_free_memory_and_swarm_buffers_count_on_a_cpu_
     gpu = estimate_memory(args, micro_batch=4, swarm_outer="fedadam", device_type="cuda")
     assert not gpu.swarm_on_device and gpu.subtotal == gpu.training  # theta & co. live in host RAM, not the GPU
     if not HAS_ACCELERATOR:
-        before_fork = fit.plan_before_fork(args, train_cfg(device="auto"), model_name="--model tiny",
-                                           outer_optimizer="nesterov")
+        before_fork = fit.plan_before_fork(
+            args, train_cfg(device="auto"), model_name="--model tiny", outer_optimizer="nesterov"
+        )
         assert before_fork is not None and before_fork.estimate.swarm == 4 * alone.params * 6
 
 
@@ -425,10 +482,32 @@ def corpus(tmp_path_factory) -> Path:
 def test_local_run_under_a_memory_limit_accumulates_and_says_so(corpus, tmp_path):
     args = build_model_args("micro", vocab_size=pad_vocab(load_tokenizer("byte").vocab_size))
     limit = (total(args, 8) + total(args, 16)) / 2 / GiB  # 8 sequences fit, 16 do not
-    proc = run_cli("photon-peer", ["--local-only", "--model", "micro", "--batch-size", "16", "--max-steps", "3",
-                                   "--eval-every", "0", "--eval-batches", "1", "--no-progress", "--threads", "1",
-                                   "--data", corpus, "--cache-dir", tmp_path / "cache",
-                                   "--memory-limit", f"{limit:.6f}"], cwd=tmp_path)
+    proc = run_cli(
+        "photon-peer",
+        [
+            "--local-only",
+            "--model",
+            "micro",
+            "--batch-size",
+            "16",
+            "--max-steps",
+            "3",
+            "--eval-every",
+            "0",
+            "--eval-batches",
+            "1",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--data",
+            corpus,
+            "--cache-dir",
+            tmp_path / "cache",
+            "--memory-limit",
+            f"{limit:.6f}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "micro-batch" in line]
     assert len(lines) == 1, proc.stderr
@@ -439,9 +518,28 @@ def test_local_run_under_a_memory_limit_accumulates_and_says_so(corpus, tmp_path
 
 def test_a_model_too_big_fails_fast_with_one_line(corpus, tmp_path):
     t0 = time.monotonic()
-    proc = run_cli("photon-peer", ["--local-only", "--model", "1b", "--memory-limit", "1", "--no-progress",
-                                   "--data", corpus, "--cache-dir", tmp_path / "cache"], cwd=tmp_path)
-    assert_one_line_error(proc, "--model 1b (1.23B parameters) does not fit", "needs ~",
-                          "but --memory-limit allows 1.00 GiB", "try a machine or GPU with >= ")
+    proc = run_cli(
+        "photon-peer",
+        [
+            "--local-only",
+            "--model",
+            "1b",
+            "--memory-limit",
+            "1",
+            "--no-progress",
+            "--data",
+            corpus,
+            "--cache-dir",
+            tmp_path / "cache",
+        ],
+        cwd=tmp_path,
+    )
+    assert_one_line_error(
+        proc,
+        "--model 1b (1.23B parameters) does not fit",
+        "needs ~",
+        "but --memory-limit allows 1.00 GiB",
+        "try a machine or GPU with >= ",
+    )
     assert not (tmp_path / "cache").exists()  # planned before the data was packed (and the model allocated)
     assert time.monotonic() - t0 < 60

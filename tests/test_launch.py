@@ -16,8 +16,24 @@ from photon_p2p.launch import split_data
 from tests.helpers.peers import read_metrics
 from tests.helpers.procs import all_gone, console, wait_until
 
-ARGS = ["--peers", "2", "--data", "default", "--model", "micro", "--max-steps", "300", "--local-steps", "10",
-        "--eval-every", "0", "--checkpoint-every", "10", "--batch-size", "8"]
+ARGS = [
+    "--peers",
+    "2",
+    "--data",
+    "default",
+    "--model",
+    "micro",
+    "--max-steps",
+    "300",
+    "--local-steps",
+    "10",
+    "--eval-every",
+    "0",
+    "--checkpoint-every",
+    "10",
+    "--batch-size",
+    "8",
+]
 
 
 def _rounds(path) -> list[dict]:

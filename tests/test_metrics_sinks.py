@@ -30,8 +30,8 @@ def wandb_records(path: Path) -> list:
         if block - pos % block < 7:
             pos += block - pos % block  # zero padding at the end of a block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunks += data[pos + 7:pos + 7 + length]
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunks += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
             record = wandb_internal_pb2.Record()
@@ -47,11 +47,38 @@ def run(tmp_path_factory):
     pytest.importorskip("wandb")
     root = tmp_path_factory.mktemp("sinks")
     corpus = write_corpus(root / "corpus")
-    proc = run_cli("photon-peer", [
-        "--local-only", "--data", corpus, "--cache-dir", root / "cache", "--model", "micro", "--max-steps", "6",
-        "--log-every", "2", "--batch-size", "4", "--eval-every", "3", "--eval-batches", "1", "--no-progress",
-        "--threads", "1", "--metrics-file", root / "m.jsonl", "--tensorboard-dir", root / "tb",
-        "--wandb-project", "photon-test"], cwd=root)
+    proc = run_cli(
+        "photon-peer",
+        [
+            "--local-only",
+            "--data",
+            corpus,
+            "--cache-dir",
+            root / "cache",
+            "--model",
+            "micro",
+            "--max-steps",
+            "6",
+            "--log-every",
+            "2",
+            "--batch-size",
+            "4",
+            "--eval-every",
+            "3",
+            "--eval-batches",
+            "1",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--metrics-file",
+            root / "m.jsonl",
+            "--tensorboard-dir",
+            root / "tb",
+            "--wandb-project",
+            "photon-test",
+        ],
+        cwd=root,
+    )
     assert proc.returncode == 0, proc.stderr
     return root, read_metrics(root / "m.jsonl")
 
@@ -66,9 +93,11 @@ def test_tensorboard_has_the_metrics_file_values(run):
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in steps] == [2, 4, 6] and [r["step"] for r in evals] == [3, 6]
     assert {e.step: e.value for e in events.Scalars("step/loss")} == pytest.approx(
-        {r["step"]: r["loss"] for r in steps})
+        {r["step"]: r["loss"] for r in steps}
+    )
     assert {e.step: e.value for e in events.Scalars("eval/val_ppl")} == pytest.approx(
-        {r["step"]: r["val_ppl"] for r in evals})
+        {r["step"]: r["val_ppl"] for r in evals}
+    )
     assert {"step/lr", "step/grad_norm", "step/tokens_per_s", "step/peak_mem_mb"} <= set(events.Tags()["scalars"])
 
 
@@ -77,10 +106,17 @@ def test_wandb_offline_run_has_the_metrics_file_values(run):
     [path] = (root / "wandb").glob("offline-run-*/run-*.wandb")
     recs = wandb_records(path)
     [info] = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
-    assert (info.project, info.run_group, info.display_name, list(info.tags)) == \
-        ("photon-test", "local", "local-only", ["local-only"])
-    history = [{item.key or "/".join(item.nested_key): item.value_json for item in r.history.item} for r in recs
-               if r.WhichOneof("record_type") == "history"]
+    assert (info.project, info.run_group, info.display_name, list(info.tags)) == (
+        "photon-test",
+        "local",
+        "local-only",
+        ["local-only"],
+    )
+    history = [
+        {item.key or "/".join(item.nested_key): item.value_json for item in r.history.item}
+        for r in recs
+        if r.WhichOneof("record_type") == "history"
+    ]
     losses = {int(h["step"]): float(h["step/loss"]) for h in history if "step/loss" in h}
     assert losses == pytest.approx({r["step"]: r["loss"] for r in records if r["kind"] == "step"})
     assert any("eval/val_ppl" in h for h in history)
@@ -91,7 +127,22 @@ def test_unwritable_tensorboard_dir_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     corpus = write_corpus(tmp_path / "corpus", files=4, lines=40)
-    proc = run_cli("photon-peer", ["--local-only", "--data", corpus, "--model", "micro", "--max-steps", "2",
-                                   "--batch-size", "2", "--tensorboard-dir", blocker / "tb", "--no-progress"],
-                   cwd=tmp_path)
+    proc = run_cli(
+        "photon-peer",
+        [
+            "--local-only",
+            "--data",
+            corpus,
+            "--model",
+            "micro",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--tensorboard-dir",
+            blocker / "tb",
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+    )
     assert_one_line_error(proc, "--tensorboard-dir")

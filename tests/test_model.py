@@ -62,8 +62,13 @@ def test_small_presets_forward(preset):
 
 
 # (low, high) parameter counts with GPT-2's padded vocabulary and tied embeddings
-EXPECTED = {"125m": (110e6, 135e6), "350m": (330e6, 400e6), "1b": (1.0e9, 1.5e9),
-            "3b": (2.4e9, 3.0e9), "7b": (6.0e9, 7.5e9)}
+EXPECTED = {
+    "125m": (110e6, 135e6),
+    "350m": (330e6, 400e6),
+    "1b": (1.0e9, 1.5e9),
+    "3b": (2.4e9, 3.0e9),
+    "7b": (6.0e9, 7.5e9),
+}
 
 
 @pytest.mark.parametrize("preset", list(EXPECTED))
@@ -95,10 +100,10 @@ def test_causal():
     idx = torch.randint(0, 96, (2, 32))
     t = 11
     changed = idx.clone()
-    changed[:, t + 1:] = torch.randint(0, 96, (2, 32 - t - 1))
+    changed[:, t + 1 :] = torch.randint(0, 96, (2, 32 - t - 1))
     a, b = model(idx), model(changed)
-    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], rtol=0, atol=1e-6)
-    assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-4
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-6)
+    assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().max() > 1e-4
 
 
 def test_gqa_forward_and_sizes():

@@ -22,8 +22,10 @@ def test_fedavg_lr1_is_parameter_averaging():
     theta = _params()
     locals_ = [[t + 0.1 * (k + 1) * torch.randn_like(t) for t in theta] for k in range(3)]
     weights = [1.0, 2.0, 1.0]
-    delta = [sum(w * (t - loc[i]) for w, loc in zip(weights, locals_, strict=True)) / sum(weights)
-             for i, t in enumerate(theta)]
+    delta = [
+        sum(w * (t - loc[i]) for w, loc in zip(weights, locals_, strict=True)) / sum(weights)
+        for i, t in enumerate(theta)
+    ]
     opt = make_outer_optimizer("fedavg", [t.clone() for t in theta], lr=1.0, momentum=0.0)
     opt.step(delta)
     for i in range(2):

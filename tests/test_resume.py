@@ -33,11 +33,42 @@ def work(tmp_path_factory) -> Path:
 def flags(work: Path, ck: Path, metrics: Path, *extra) -> list[str]:
     # one thread: a micro model gains nothing from two, and on a busy machine OpenMP threads waiting for each other
     # at every small op make the run several times slower
-    return [str(a) for a in [
-        "--local-only", "--data", work / "corpus", "--cache-dir", work / "cache", "--model", "micro",
-        "--batch-size", "8", "--micro-batch-size", "4", "--lr", "3e-3", "--log-every", "1", "--eval-every", "20",
-        "--eval-batches", "2", "--checkpoint-dir", ck, "--checkpoint-every", HALF, "--keep-checkpoints", "5",
-        "--metrics-file", metrics, "--no-progress", "--threads", "1", *extra]]
+    return [
+        str(a)
+        for a in [
+            "--local-only",
+            "--data",
+            work / "corpus",
+            "--cache-dir",
+            work / "cache",
+            "--model",
+            "micro",
+            "--batch-size",
+            "8",
+            "--micro-batch-size",
+            "4",
+            "--lr",
+            "3e-3",
+            "--log-every",
+            "1",
+            "--eval-every",
+            "20",
+            "--eval-batches",
+            "2",
+            "--checkpoint-dir",
+            ck,
+            "--checkpoint-every",
+            HALF,
+            "--keep-checkpoints",
+            "5",
+            "--metrics-file",
+            metrics,
+            "--no-progress",
+            "--threads",
+            "1",
+            *extra,
+        ]
+    ]
 
 
 def train(work: Path, name: str, *extra) -> tuple[Path, Path]:
@@ -86,8 +117,7 @@ def test_resume_after_ctrl_c_at_any_moment(work, reference, procs):
     out.mkdir()
     ck, metrics = out / "ck", out / "metrics.jsonl"
     proc = procs.start(console("photon-peer") + flags(work, ck, metrics, "--max-steps", N), name="interrupted")
-    wait_until(lambda: metrics.exists() and len(read_metrics(metrics)) >= 7, timeout=120, interval=0.02,
-               what="7 steps")
+    wait_until(lambda: metrics.exists() and len(read_metrics(metrics)) >= 7, timeout=120, interval=0.02, what="7 steps")
     proc.popen.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130, proc.output()
     stopped_at = max(losses_by_step(read_metrics(metrics)))
@@ -103,8 +133,12 @@ def test_stop_at_half_then_extend_the_run(work):
     _, uninterrupted = train(work, "const-full", "--max-steps", N, *constant)
     train(work, "const-split", "--max-steps", HALF, *constant)
     out = work / "const-split"
-    proc = run_cli("photon-peer", flags(work, out / "ck", out / "metrics.jsonl", "--max-steps", N, "--resume",
-                                        *constant), cwd=out, timeout=300)
+    proc = run_cli(
+        "photon-peer",
+        flags(work, out / "ck", out / "metrics.jsonl", "--max-steps", N, "--resume", *constant),
+        cwd=out,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"resuming from {out / 'ck' / f'step-{HALF:08d}'}" in proc.stderr
     assert "different learning-rate schedule" in proc.stderr and f"--max-steps {HALF} -> {N}" in proc.stderr

@@ -25,13 +25,18 @@ from tests.helpers.procs import all_gone, wait_until
 pytestmark = pytest.mark.slow
 
 
-
 def test_nan_update_is_never_shared_and_the_peer_comes_back(procs, tmp_path):
     cache = tmp_path / "cache"
     entry = start_bootstrap(procs)
     # 20-step rounds, run until the diverged peer has averaged again; then SIGTERM (a clean exit between rounds)
-    common = dict(run_id="nan", cache=cache, initial_peers=[entry], local_steps=20, max_steps=1_000_000,
-                  extra=["--wait-for-peers", "2", "--eval-every", "100"])
+    common = dict(
+        run_id="nan",
+        cache=cache,
+        initial_peers=[entry],
+        local_steps=20,
+        max_steps=1_000_000,
+        extra=["--wait-for-peers", "2", "--eval-every", "100"],
+    )
     a = start_peer(procs, "a", **common)
     bad = start_peer(procs, "bad", **common, env={"PHOTON_FAULTS": "nan_update@4"})
 
@@ -142,8 +147,13 @@ def test_a_far_future_round_claim_that_nobody_can_serve_is_ignored(procs, tmp_pa
 
     cache = tmp_path / "cache"
     entry = start_bootstrap(procs)
-    common = dict(run_id="liar", cache=cache, initial_peers=[entry], max_steps=40,
-                  extra=["--min-group-size", "2", "--wait-for-peers", "2"])
+    common = dict(
+        run_id="liar",
+        cache=cache,
+        initial_peers=[entry],
+        max_steps=40,
+        extra=["--min-group-size", "2", "--wait-for-peers", "2"],
+    )
     liar = Identity.load_or_create(tmp_path / "liar.key")
     with dht_client(entry) as calls:
         a = start_peer(procs, "a", **common)
@@ -153,9 +163,19 @@ def test_a_far_future_round_claim_that_nobody_can_serve_is_ignored(procs, tmp_pa
 
         def lie() -> None:  # a live, validly signed peer that claims a round nobody holds, and serves nothing
             while not stop.is_set():
-                hb = Heartbeat(peer_id=liar.peer_id.to_base58(), run_id="liar", manifest_hash=manifest_hash,
-                               round=1000, step=1000, tokens=0, tokens_per_s=0.0, stage="training", device="cpu",
-                               version="0", time=time.time())
+                hb = Heartbeat(
+                    peer_id=liar.peer_id.to_base58(),
+                    run_id="liar",
+                    manifest_hash=manifest_hash,
+                    round=1000,
+                    step=1000,
+                    tokens=0,
+                    tokens_per_s=0.0,
+                    stage="training",
+                    device="cpu",
+                    version="0",
+                    time=time.time(),
+                )
                 calls.store(heartbeat_key("liar"), sign_record(hb, liar), get_dht_time() + 12, subkey=hb.peer_id)
                 stop.wait(2.0)
 
@@ -179,8 +199,14 @@ def test_a_far_future_round_claim_that_nobody_can_serve_is_ignored(procs, tmp_pa
 
 def test_min_group_size_gives_up_after_quorum_timeout_with_one_line(procs, tmp_path):
     """Before: --min-group-size 2 with nobody else waited forever. Now: one error line naming both flags, exit 2."""
-    lonely = start_peer(procs, "lonely", run_id="quorum", cache=tmp_path / "cache", max_steps=40,
-                        extra=["--min-group-size", "2", "--quorum-timeout", "8"])
+    lonely = start_peer(
+        procs,
+        "lonely",
+        run_id="quorum",
+        cache=tmp_path / "cache",
+        max_steps=40,
+        extra=["--min-group-size", "2", "--quorum-timeout", "8"],
+    )
     assert lonely.wait(120) == 2, lonely.output()[-3000:]
     errors = [line for line in lonely.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no group of at least 2 peers formed in 8s" in errors[0], lonely.stderr[-2000:]
@@ -191,8 +217,13 @@ def test_an_all_client_mode_swarm_says_so_and_trains_on(procs, tmp_path):
     """Before: peers that all run --client-mode (nobody accepts connections) never averaged and never said why."""
     entry = start_bootstrap(procs)
     # they run until each has said it; then the test stops them (SIGTERM: a clean exit between rounds)
-    common = dict(run_id="hidden", cache=tmp_path / "cache", initial_peers=[entry], max_steps=1_000_000,
-                  extra=["--client-mode", "--wait-for-peers", "2"])
+    common = dict(
+        run_id="hidden",
+        cache=tmp_path / "cache",
+        initial_peers=[entry],
+        max_steps=1_000_000,
+        extra=["--client-mode", "--wait-for-peers", "2"],
+    )
     peers = [start_peer(procs, name, **common) for name in ("x", "y")]
     line = "every live peer of run 'hidden' is in --client-mode"
 

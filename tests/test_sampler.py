@@ -50,7 +50,7 @@ def test_batches_span_epoch_boundaries() -> None:
     s = BatchSampler(TOKENS, seq_len=SEQ, batch_size=50, seed=1)  # 624 = 12 x 50 + 24
     seen = [i for _ in range(25) for i in window_ids(s.next_batch()[0])]
     assert sorted(seen[:NUM_WINDOWS]) == list(range(NUM_WINDOWS))
-    assert sorted(seen[NUM_WINDOWS:2 * NUM_WINDOWS]) == list(range(NUM_WINDOWS))
+    assert sorted(seen[NUM_WINDOWS : 2 * NUM_WINDOWS]) == list(range(NUM_WINDOWS))
     assert (s.epoch, s.position) == (2, 2)
 
 
@@ -139,8 +139,13 @@ def test_eval_on_a_tiny_validation_split_uses_one_shorter_window() -> None:
 
 
 def test_sampler_on_real_memmapped_shards(shared_data: Path, tmp_path: Path) -> None:
-    ds = prepare_dataset([str(shared_data / "tinyshakespeare.txt.gz")], ByteTokenizer(), cache_dir=str(tmp_path),
-                         val_fraction=0.02, progress=False)
+    ds = prepare_dataset(
+        [str(shared_data / "tinyshakespeare.txt.gz")],
+        ByteTokenizer(),
+        cache_dir=str(tmp_path),
+        val_fraction=0.02,
+        progress=False,
+    )
     s = BatchSampler(ds.train, seq_len=128, batch_size=16, seed=0, partition=(1, 2))
     x, y = s.next_batch()
     assert x.shape == (16, 128) and int(x.max()) < ds.vocab_size_needed

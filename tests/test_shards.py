@@ -76,8 +76,13 @@ def test_shakespeare_byte_shards(shakespeare: Path, tmp_path: Path) -> None:
 
 def test_val_and_train_are_disjoint_whole_documents(tmp_path: Path) -> None:
     docs = [f"document number {i}: " + "lorem ipsum " * (i % 7 + 1) for i in range(300)]
-    ds = prepare_dataset([str(make_jsonl(tmp_path / "d.jsonl", docs))], BYTE, cache_dir=str(tmp_path / "c"),
-                         val_fraction=0.1, progress=False)
+    ds = prepare_dataset(
+        [str(make_jsonl(tmp_path / "d.jsonl", docs))],
+        BYTE,
+        cache_dir=str(tmp_path / "c"),
+        val_fraction=0.1,
+        progress=False,
+    )
     train, val = decoded(ds.train), decoded(ds.val)
     assert set(train).isdisjoint(val)
     assert sorted(train + val) == sorted(docs)
@@ -96,8 +101,13 @@ def test_split_does_not_depend_on_file_order(tmp_path: Path) -> None:
 @pytest.mark.parametrize("val_fraction", [1e-12, 0.999999])
 def test_neither_side_is_ever_empty(tmp_path: Path, val_fraction: float) -> None:
     docs = ["the first of two documents", "the second one, a bit longer than the first"]
-    ds = prepare_dataset([str(make_jsonl(tmp_path / "two.jsonl", docs))], BYTE, cache_dir=str(tmp_path / "c"),
-                         val_fraction=val_fraction, progress=False)
+    ds = prepare_dataset(
+        [str(make_jsonl(tmp_path / "two.jsonl", docs))],
+        BYTE,
+        cache_dir=str(tmp_path / "c"),
+        val_fraction=val_fraction,
+        progress=False,
+    )
     assert (ds.meta["train_documents"], ds.meta["val_documents"]) == (1, 1)
     assert sorted(decoded(ds.train) + decoded(ds.val)) == sorted(docs)
 
@@ -110,8 +120,9 @@ def test_single_document_is_an_error(tmp_path: Path) -> None:
     assert entries(tmp_path / "c") == []
 
 
-def test_cache_hit_does_not_rebuild_and_survives_moving_the_data(tmp_path: Path,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_cache_hit_does_not_rebuild_and_survives_moving_the_data(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     docs = [f"cached doc {i} " * 20 for i in range(40)]
     data = make_jsonl(tmp_path / "data" / "corpus.jsonl", docs)
     cache = tmp_path / "cache"
@@ -153,8 +164,13 @@ def test_uint32_for_vocabularies_over_65536(tmp_path: Path) -> None:
     hf.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok = HFTokenizer.from_json(hf.to_str())
     docs = [f"w{i} w{69_999 - i} w{40_000 + i}" for i in range(50)]
-    ds = prepare_dataset([str(make_jsonl(tmp_path / "w.jsonl", docs))], tok, cache_dir=str(tmp_path / "c"),
-                         val_fraction=0.2, progress=False)
+    ds = prepare_dataset(
+        [str(make_jsonl(tmp_path / "w.jsonl", docs))],
+        tok,
+        cache_dir=str(tmp_path / "c"),
+        val_fraction=0.2,
+        progress=False,
+    )
     assert ds.train.dtype == np.uint32
     assert ds.vocab_size_needed == 70_001  # "w69999" is id 70000
     got = sorted(" ".join(f"w{i - 1}" for i in d) for d in split_docs(np.concatenate([ds.train, ds.val]), 0))
@@ -209,8 +225,12 @@ print(ds.path, len(ds.train), len(ds.val))
 
 def test_concurrent_builders_of_one_entry_both_succeed(shared_data: Path, tmp_path: Path) -> None:
     data, cache = str(shared_data / "austen_6_novels.txt.gz"), str(tmp_path / "cache")
-    procs = [subprocess.Popen([sys.executable, "-c", BUILD, data, cache], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD, data, cache], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
     assert outs[0][0] == outs[1][0]

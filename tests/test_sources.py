@@ -46,8 +46,10 @@ def test_plain_text_file_is_one_document(tmp_path: Path) -> None:
     bom = write(tmp_path / "win.txt", b"\xef\xbb\xbfwindows text\r\n")
     docs = list(iter_documents(resolve_paths([str(f), str(odd), str(bom)])))
     assert [(d.source, d.text) for d in docs] == [
-        (str(f), "# Title\n\nSome text.\n"), (str(odd), "an unknown extension named explicitly is text\n"),
-        (str(bom), "windows text\r\n")]
+        (str(f), "# Title\n\nSome text.\n"),
+        (str(odd), "an unknown extension named explicitly is text\n"),
+        (str(bom), "windows text\r\n"),
+    ]
 
 
 def test_long_text_splits_at_blank_lines_into_16_to_32_ki_chunks(shared_data: Path) -> None:
@@ -65,7 +67,7 @@ def test_streamed_chunks_equal_whole_text_chunks(shared_data: Path) -> None:
     with gzip.open(shared_data / "tinyshakespeare.txt.gz", "rt", encoding="utf-8") as f:
         full = f.read()[:300_000]
     for size in (1, 777, 40_000, 70_000):
-        pieces = (full[i:i + size] for i in range(0, len(full), size))
+        pieces = (full[i : i + size] for i in range(0, len(full), size))
         assert list(iter_chunks(pieces)) == split_text(full)
     assert list(iter_chunks(["abc", "def"])) == ["abcdef"]
 
@@ -173,8 +175,9 @@ def test_missing_path_and_no_paths(tmp_path: Path) -> None:
         resolve_paths([])
 
 
-@pytest.mark.parametrize("name,content", [("blob.txt", BINARY), ("latin1.txt", "café".encode("latin-1") * 10),
-                                          ("blob.txt.gz", BINARY)])
+@pytest.mark.parametrize(
+    "name,content", [("blob.txt", BINARY), ("latin1.txt", "café".encode("latin-1") * 10), ("blob.txt.gz", BINARY)]
+)
 def test_explicit_binary_or_non_utf8_file_is_an_error(tmp_path: Path, name: str, content: bytes) -> None:
     f = write(tmp_path / name, content)
     with pytest.raises(DataError, match=rf"^--data {f}: not UTF-8 text \(binary file\?\)$"):
@@ -188,8 +191,9 @@ def test_explicit_corrupt_gzip_is_an_error(tmp_path: Path) -> None:
         texts([str(f)])
 
 
-def test_binary_files_in_a_directory_are_skipped_with_one_warning(tmp_path: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_binary_files_in_a_directory_are_skipped_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "corpus"
     write(root / "good.txt", "good text")
     for i in range(7):

@@ -59,8 +59,12 @@ def _bad_manifests(dht, work) -> None:
     envelope["b"] = encode_body(tampered.record)  # the body says local_steps 7; the signature covers local_steps 5
     _store(dht, manifest_key(RUN), msgpack.packb(envelope, use_bin_type=True), forger.peer_id.to_base58())
     unsigned = Identity.ephemeral(work)
-    _store(dht, manifest_key(RUN), encode_body(signed_run(micro_manifest(RUN), unsigned).record),
-           unsigned.peer_id.to_base58())
+    _store(
+        dht,
+        manifest_key(RUN),
+        encode_body(signed_run(micro_manifest(RUN), unsigned).record),
+        unsigned.peer_id.to_base58(),
+    )
 
 
 def _malformed_heartbeats(dht, work) -> list[str]:
@@ -74,15 +78,25 @@ def _malformed_heartbeats(dht, work) -> list[str]:
     pid = [i.peer_id.to_base58() for i in ids]
 
     def beat(identity, **changes) -> dict:
-        fields = dict(peer_id=identity.peer_id.to_base58(), run_id=RUN, manifest_hash="0" * 64, round=1, step=5,
-                      tokens=100, tokens_per_s=10.0, stage="training", device="cpu", version="0.1.0", time=time.time())
+        fields = dict(
+            peer_id=identity.peer_id.to_base58(),
+            run_id=RUN,
+            manifest_hash="0" * 64,
+            round=1,
+            step=5,
+            tokens=100,
+            tokens_per_s=10.0,
+            stage="training",
+            device="cpu",
+            version="0.1.0",
+            time=time.time(),
+        )
         fields.update(changes)
         return fields
 
     def sign_raw(identity, body: dict) -> bytes:  # a valid signature over whatever body we like, schema or not
         packed = msgpack.packb(canonical(body), use_bin_type=True)
-        return msgpack.packb({"b": packed, "k": identity.public_key_der, "s": identity.sign(packed)},
-                             use_bin_type=True)
+        return msgpack.packb({"b": packed, "k": identity.public_key_der, "s": identity.sign(packed)}, use_bin_type=True)
 
     _store(dht, key, b"\x00garbage\xff", pid[0])
     _store(dht, key, {"peer_id": pid[1], "tokens_per_s": 1e9}, pid[1])
@@ -91,8 +105,14 @@ def _malformed_heartbeats(dht, work) -> list[str]:
     _store(dht, key, sign_raw(ids[4], {**beat(ids[4]), "admin": True}), pid[4])
     _store(dht, key, sign_raw(ids[5], beat(ids[5], tokens_per_s=math.nan)), pid[5])
     _store(dht, key, sign_raw(ids[6], beat(ids[6])), 12345)
-    return ["heartbeat: not msgpack", "heartbeat: not bytes or too large", "heartbeat: not a signed envelope",
-            "heartbeat: signed by another peer", "heartbeat: schema", "heartbeat: subkey is not a peer ID"]
+    return [
+        "heartbeat: not msgpack",
+        "heartbeat: not bytes or too large",
+        "heartbeat: not a signed envelope",
+        "heartbeat: signed by another peer",
+        "heartbeat: schema",
+        "heartbeat: subkey is not a peer ID",
+    ]
 
 
 def _one_shot_commands(maddr: str, work) -> dict[str, list[str]]:
@@ -129,12 +149,25 @@ def live_run(tmp_path_factory):
         expected_rejects = _malformed_heartbeats(dht, work)
         # the long-running watchers first, then every one-shot command side by side (each mostly pays for
         # importing torch and hivemind, so together they take about half the time)
-        watchers = {name: pool.start(console("photon-status") + ["--initial-peers", boot_maddr, "--run-id", RUN,
-                                                                  "--watch", "1", *extra], name=name)
-                    for name, extra in (("watch", []), ("watch-json", ["--json"]))}
+        watchers = {
+            name: pool.start(
+                console("photon-status") + ["--initial-peers", boot_maddr, "--run-id", RUN, "--watch", "1", *extra],
+                name=name,
+            )
+            for name, extra in (("watch", []), ("watch-json", ["--json"]))
+        }
         runs = run_cli_batch(_one_shot_commands(boot_maddr, work), work / "cli")
-        yield dict(work=work, boot=boot, maddr=boot_maddr, dht=dht, peer=peer, peer_id=peer_id, runs=runs,
-                   watchers=watchers, expected_rejects=expected_rejects)
+        yield dict(
+            work=work,
+            boot=boot,
+            maddr=boot_maddr,
+            dht=dht,
+            peer=peer,
+            peer_id=peer_id,
+            runs=runs,
+            watchers=watchers,
+            expected_rejects=expected_rejects,
+        )
     finally:
         if dht is not None:
             dht.shutdown()
@@ -162,8 +195,22 @@ def test_json_lists_the_live_peer(live_run, status):
     assert set(status) >= {"run_id", "manifest", "peers", "total_tokens_per_s", "rejected_records"}
     assert status["run_id"] == RUN
     [row] = status["peers"]
-    assert set(row) == {"peer_id", "stage", "round", "step", "tokens", "tokens_per_s", "loss", "val_ppl", "device",
-                        "version", "last_seen_s", "client_mode", "theta_hash", "last_round"}
+    assert set(row) == {
+        "peer_id",
+        "stage",
+        "round",
+        "step",
+        "tokens",
+        "tokens_per_s",
+        "loss",
+        "val_ppl",
+        "device",
+        "version",
+        "last_seen_s",
+        "client_mode",
+        "theta_hash",
+        "last_round",
+    }
     assert isinstance(status["leaderboard"], list) and isinstance(status["theta_agreement"], dict)
     assert row["peer_id"] == live_run["peer_id"] and row["device"] == "cpu" and row["version"] == "0.1.0"
     assert row["last_seen_s"] < 15 and row["client_mode"] is False
@@ -207,12 +254,15 @@ def test_unknown_run_lists_runs_seen(live_run):
     assert result.returncode == 2
 
 
-@pytest.mark.parametrize("case, needles", [
-    ("bad_maddr", ("--initial-peers", "not a valid multiaddr")),
-    ("no_peer_id", ("--initial-peers", "missing the /p2p/<peer ID> part")),
-    ("unreachable", ("none of the initial peers answered within 2s", "/tcp/9/p2p/QmbMEx")),
-    ("bad_run_id", ("--run-id 'no spaces'",)),
-])
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("bad_maddr", ("--initial-peers", "not a valid multiaddr")),
+        ("no_peer_id", ("--initial-peers", "missing the /p2p/<peer ID> part")),
+        ("unreachable", ("none of the initial peers answered within 2s", "/tcp/9/p2p/QmbMEx")),
+        ("bad_run_id", ("--run-id 'no spaces'",)),
+    ],
+)
 def test_bad_input(live_run, case, needles):
     assert_one_line_error(live_run["runs"][case], *needles)
 
@@ -249,8 +299,9 @@ def test_json_watch_prints_one_object_per_refresh(live_run):
 # pure functions
 
 
-@pytest.mark.parametrize("preset, kwargs", [("micro", {}), ("tiny", {"tie_embeddings": False}),
-                                            ("125m", {"seq_len": 512})])
+@pytest.mark.parametrize(
+    "preset, kwargs", [("micro", {}), ("tiny", {"tie_embeddings": False}), ("125m", {"seq_len": 512})]
+)
 def test_parameter_count_matches_the_model(preset, kwargs):
     import torch
 
@@ -275,18 +326,52 @@ def test_parameter_count_with_grouped_query_attention():
 
 
 def _status(**peer_changes) -> dict:
-    peer = dict(peer_id="QmZwA7hXFpweo4o6g76bhKNrueWevg1k1BVW7R4UUZ32Kg", stage="training", round=3, step=15,
-                tokens=15360, tokens_per_s=1234.5, loss=5.5, val_ppl=None, device="cpu", version="0.1.0",
-                last_seen_s=1.0, client_mode=False)
+    peer = dict(
+        peer_id="QmZwA7hXFpweo4o6g76bhKNrueWevg1k1BVW7R4UUZ32Kg",
+        stage="training",
+        round=3,
+        step=15,
+        tokens=15360,
+        tokens_per_s=1234.5,
+        loss=5.5,
+        val_ppl=None,
+        device="cpu",
+        version="0.1.0",
+        last_seen_s=1.0,
+        client_mode=False,
+    )
     peer.update(peer_changes)
-    manifest = dict(hash="ab" * 32, creator=peer["peer_id"], created_at=time.time() - 90, protocol=1,
-                    software="0.1.0", model_preset="micro", parameters=127296,
-                    model=dict(n_layers=2, d_model=64, max_seq_len=64), tokenizer="byte", tokenizer_vocab=257,
-                    tokenizer_fingerprint="cd" * 32, local_steps=5, round_seconds=None, outer_optimizer="fedavg",
-                    outer_lr=1.0, outer_momentum=0.9, compression="fp16", max_steps=10000, batch_size=16, lr=1e-3,
-                    candidates=1)
-    return dict(run_id="t", manifest=manifest, peers=[peer], total_tokens_per_s=peer["tokens_per_s"],
-                rejected_records=0, rejected_reasons={})
+    manifest = dict(
+        hash="ab" * 32,
+        creator=peer["peer_id"],
+        created_at=time.time() - 90,
+        protocol=1,
+        software="0.1.0",
+        model_preset="micro",
+        parameters=127296,
+        model=dict(n_layers=2, d_model=64, max_seq_len=64),
+        tokenizer="byte",
+        tokenizer_vocab=257,
+        tokenizer_fingerprint="cd" * 32,
+        local_steps=5,
+        round_seconds=None,
+        outer_optimizer="fedavg",
+        outer_lr=1.0,
+        outer_momentum=0.9,
+        compression="fp16",
+        max_steps=10000,
+        batch_size=16,
+        lr=1e-3,
+        candidates=1,
+    )
+    return dict(
+        run_id="t",
+        manifest=manifest,
+        peers=[peer],
+        total_tokens_per_s=peer["tokens_per_s"],
+        rejected_records=0,
+        rejected_reasons={},
+    )
 
 
 def test_render_strips_terminal_escapes_from_untrusted_strings():
@@ -312,13 +397,28 @@ def test_render_theta_agreement_and_leaderboard():
     status["theta_agreement"] = {"1a2b3c4d5e6f7a8b": 1}
     now = time.time()
     status["leaderboard"] = [
-        dict(peer_id="QmZwA7hXFpweo4o6g76bhKNrueWevg1k1BVW7R4UUZ32Kg", tokens=123456, rounds=9, rounds_averaged=8,
-             live=True, first_seen=now - 600, last_update=now),
-        dict(peer_id="QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", tokens=4096, rounds=2, rounds_averaged=2,
-             live=False, first_seen=now - 900, last_update=now - 300)]
+        dict(
+            peer_id="QmZwA7hXFpweo4o6g76bhKNrueWevg1k1BVW7R4UUZ32Kg",
+            tokens=123456,
+            rounds=9,
+            rounds_averaged=8,
+            live=True,
+            first_seen=now - 600,
+            last_update=now,
+        ),
+        dict(
+            peer_id="QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",
+            tokens=4096,
+            rounds=2,
+            rounds_averaged=2,
+            live=False,
+            first_seen=now - 900,
+            last_update=now - 300,
+        ),
+    ]
     text = render(status)
     assert "theta: the peers at the newest round agree (1 on 1a2b3c4d5e6f)" in text
-    board = text[text.index("CONTRIBUTIONS"):].splitlines()
+    board = text[text.index("CONTRIBUTIONS") :].splitlines()
     assert re.match(r"PEER\s+TOKENS\s+ROUNDS\s+AVERAGED", board[1])
     assert re.search(r"QmZw\.\.UZ32Kg\s+123,456\s+9\s+8\s+live", board[2])
     assert re.search(r"QmYy\.\.Wjhx5N\s+4,096\s+2\s+2\s+left 5m ago", board[3])
@@ -332,8 +432,13 @@ def test_theta_agreement_counts_the_peers_at_the_newest_round():
     def peer(round_, stage, h):
         return dict(round=round_, stage=stage, theta_hash=h)
 
-    peers = [peer(5, "training", "aa" * 8), peer(5, "ready", "aa" * 8), peer(4, "averaging", "bb" * 8),
-             peer(9, "syncing", "cc" * 8), peer(5, "averaging", "dd" * 8)]
+    peers = [
+        peer(5, "training", "aa" * 8),
+        peer(5, "ready", "aa" * 8),
+        peer(4, "averaging", "bb" * 8),
+        peer(9, "syncing", "cc" * 8),
+        peer(5, "averaging", "dd" * 8),
+    ]
     assert theta_agreement(peers) == {"aa" * 8: 2, "dd" * 8: 1}
     assert theta_agreement([peer(0, "starting", "aa" * 8)]) == {}
 

@@ -54,10 +54,27 @@ class Probes:
         self.barrier = tmp_path / "barrier"
         self.barrier.mkdir()
         address = self.barrier / "bootstrap-address"
-        self.procs = [procs.start(python_script(PROBE) + ["--bootstrap", f"@{address}", "--workdir", str(self.barrier),
-                                                          "--name", f"p{k}", "--iterations", str(iterations),
-                                                          "--timeout", "30", *per_probe(k)],
-                                  name=f"probe{k}", env=QUIET_TORCH) for k in range(PROBES)]
+        self.procs = [
+            procs.start(
+                python_script(PROBE)
+                + [
+                    "--bootstrap",
+                    f"@{address}",
+                    "--workdir",
+                    str(self.barrier),
+                    "--name",
+                    f"p{k}",
+                    "--iterations",
+                    str(iterations),
+                    "--timeout",
+                    "30",
+                    *per_probe(k),
+                ],
+                name=f"probe{k}",
+                env=QUIET_TORCH,
+            )
+            for k in range(PROBES)
+        ]
         _, boot_maddr = start_bootstrap(procs, tmp_path)
         address.write_text(boot_maddr)
         for probe in self.procs:
@@ -98,8 +115,10 @@ def test_simultaneous_joins_form_one_swarm_ten_times(procs, tmp_path):
         known = min(len(set(r["routing_table"]) & (set(ids) - {r["peer"]})) for r in results)
         report.append((max(r["seconds"] for r in results), known))
     probes.finish()
-    print(f"one swarm in all {ITERATIONS} iterations; (slowest probe's seconds to see all, fewest other probes in a "
-          f"routing table) per iteration: {report}")
+    print(
+        f"one swarm in all {ITERATIONS} iterations; (slowest probe's seconds to see all, fewest other probes in a "
+        f"routing table) per iteration: {report}"
+    )
 
 
 @pytest.mark.slow
@@ -107,8 +126,9 @@ def test_simultaneous_creators_with_conflicting_settings_all_but_one_refused(pro
     """Four probes create the same new run at the same instant, each asking for another --local-steps: exactly one
     proposal becomes the run, and each other probe is refused with the field that differs (three times)."""
     iterations = 3
-    probes = Probes(procs, tmp_path, iterations,
-                    lambda k: ["--expect", "1", "--local-steps", str(5 + k), "--run-prefix", "clash"])
+    probes = Probes(
+        procs, tmp_path, iterations, lambda k: ["--expect", "1", "--local-steps", str(5 + k), "--run-prefix", "clash"]
+    )
     for i in range(iterations):
         results = probes.iteration(i)
         accepted = [r for r in results if "manifest" in r]
@@ -127,8 +147,10 @@ def test_four_real_peers_started_at_once_form_one_run(procs, tmp_path):
     _, boot_maddr = start_bootstrap(procs, tmp_path)
     data = write_corpus(tmp_path / "corpus")
     # started back to back, one torch thread each (four peers share two cores)
-    peers = [procs.start(peer_args(boot_maddr, data, tmp_path / f"cache{k}"), name=f"peer{k}", env=QUIET_TORCH)
-             for k in range(4)]
+    peers = [
+        procs.start(peer_args(boot_maddr, data, tmp_path / f"cache{k}"), name=f"peer{k}", env=QUIET_TORCH)
+        for k in range(4)
+    ]
     with dht_client(boot_maddr) as calls:
         wait_for_heartbeats(calls, "t", 4, watch=peers, timeout=150)
     status = status_json(boot_maddr, "t", tmp_path / "status")

@@ -66,13 +66,16 @@ def test_rate_limits_both_directions_and_scale_with_the_rate():
 
 @needs_cpu
 def test_cpu_quota_limits_a_busy_loop():
-    busy = ("import time\nt0, c0 = time.monotonic(), time.process_time()\n"
-            "while time.monotonic() - t0 < 2.0:\n    pass\n"
-            "print((time.process_time() - c0) / (time.monotonic() - t0))")
+    busy = (
+        "import time\nt0, c0 = time.monotonic(), time.process_time()\n"
+        "while time.monotonic() - t0 < 2.0:\n    pass\n"
+        "print((time.process_time() - c0) / (time.monotonic() - t0))"
+    )
     with FieldTestbed([HostSpec("quarter", cpu=0.25)]) as tb:
         host = tb["quarter"]
-        out = subprocess.run(host.wrap([sys.executable, "-c", busy]), capture_output=True, text=True, check=True,
-                             timeout=60).stdout
+        out = subprocess.run(
+            host.wrap([sys.executable, "-c", busy]), capture_output=True, text=True, check=True, timeout=60
+        ).stdout
         stat = dict(line.split() for line in Path(host.cgroup, "cpu.stat").read_text().splitlines())
         quota = Path(host.cgroup, "cpu.cfs_quota_us").read_text().strip()
     share = float(out)
@@ -88,11 +91,15 @@ def test_teardown_kills_processes_and_removes_everything():
         names = {tb["a"].netns, tb["b"].netns, tb.bridge_netns}
         assert names <= leftovers()
         # a detached orphan (own session, as p2pd is after its parent's SIGKILL) next to a process-group leader
-        sleeper = subprocess.Popen(tb.wrap("b", ["sh", "-c", "setsid -f sleep 1001; exec sleep 1000"]),
-                                   start_new_session=True)
+        sleeper = subprocess.Popen(
+            tb.wrap("b", ["sh", "-c", "setsid -f sleep 1001; exec sleep 1000"]), start_new_session=True
+        )
         in_a = subprocess.Popen(tb.wrap("a", ["sleep", "1000"]), start_new_session=True)
-        in_b = wait_until(lambda: len(pids := testbed._netns_pids(tb["b"].netns)) == 2 and pids, timeout=10,
-                          what="both sleeps in host b")
+        in_b = wait_until(
+            lambda: len(pids := testbed._netns_pids(tb["b"].netns)) == 2 and pids,
+            timeout=10,
+            what="both sleeps in host b",
+        )
         assert sleeper.pid in in_b, in_b
     assert sleeper.wait(10) == -signal.SIGKILL and in_a.wait(10) == -signal.SIGKILL
     assert all(dead(pid) for pid in in_b)
@@ -187,14 +194,24 @@ def test_four_dht_nodes_in_namespaces_find_each_other(procs, tmp_path):
     n, rendezvous = 4, str(tmp_path / "node0.maddrs")
     # a core each where quotas work: their weight keeps the nodes quick on a busy box (see testbed.SHARES_PER_CORE)
     with FieldTestbed([HostSpec(f"h{i}", rate_mbit=100, cpu=1.0 if CPU_OK else None) for i in range(n)]) as tb:
-        nodes = [procs.start(tb.wrap(f"h{i}", [sys.executable, "-c", DHT_NODE, str(i), tb.maddr(f"h{i}", 31337),
-                                               str(n), rendezvous]), name=f"dht{i}") for i in range(n)]
+        nodes = [
+            procs.start(
+                tb.wrap(
+                    f"h{i}", [sys.executable, "-c", DHT_NODE, str(i), tb.maddr(f"h{i}", 31337), str(n), rendezvous]
+                ),
+                name=f"dht{i}",
+            )
+            for i in range(n)
+        ]
         visible = nodes[0].wait_for(r"VISIBLE (\S+)", timeout=120).group(1)
         assert visible.startswith(f"/ip4/{tb.addr('h0')}/tcp/31337/p2p/"), visible
         for node in nodes:
             node.wait_for(rf"FOUND {n} ", timeout=120)
-        print(f"{n} DHT nodes found all {n} values in {time.monotonic() - t0:.1f} s:",
-              *(node.wait_for(r"FOUND .*", 1).group(0) for node in nodes), sep="\n  ")
+        print(
+            f"{n} DHT nodes found all {n} values in {time.monotonic() - t0:.1f} s:",
+            *(node.wait_for(r"FOUND .*", 1).group(0) for node in nodes),
+            sep="\n  ",
+        )
         for node in nodes:
             node.signal_group(signal.SIGKILL)
     assert not leftovers()

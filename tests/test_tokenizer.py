@@ -153,7 +153,8 @@ def _word_level(vocab: list[str], *, template: bool = False) -> str:
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     if template:
         tok.post_processor = tokenizers.processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))])
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))]
+        )
     return tok.to_str()
 
 
@@ -204,8 +205,9 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_cli_train_then_info(train_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "tok.json"
-    r = _run("train", "--data", str(train_file), "--vocab-size", "300", "--output", str(out), "--no-progress",
-             cwd=tmp_path)
+    r = _run(
+        "train", "--data", str(train_file), "--vocab-size", "300", "--output", str(out), "--no-progress", cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     assert f"wrote {out}: 300 tokens" in r.stdout
     tok = load_tokenizer(str(out))
@@ -234,6 +236,7 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(case: str, train_file: Path,
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert {"garbage_info": "garbage.json", "missing_data": "--data nowhere.txt",
-            "bad_vocab": "--vocab-size 10"}[case] in lines[0]
+    assert {"garbage_info": "garbage.json", "missing_data": "--data nowhere.txt", "bad_vocab": "--vocab-size 10"}[
+        case
+    ] in lines[0]
     assert not (tmp_path / "t.json").exists()

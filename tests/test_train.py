@@ -41,8 +41,7 @@ def one_thread():
 
 def tiny_model(seed: int = 0, vocab: int = 320) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(ModelArgs(vocab_size=vocab, d_model=64, n_layers=2, n_heads=2, ffn_hidden=128,
-                                 max_seq_len=SEQ))
+    return Transformer(ModelArgs(vocab_size=vocab, d_model=64, n_layers=2, n_heads=2, ffn_hidden=128, max_seq_len=SEQ))
 
 
 def structured_tokens(n: int = 40_000, seed: int = 0) -> np.ndarray:
@@ -124,7 +123,9 @@ def test_grad_accumulation_gives_the_same_update():
     for name, trainer, model in (("whole", t_whole, whole), ("micro", t_micro, micro)):
         trainer.optimizer.register_step_pre_hook(
             lambda opt, args, kwargs, name=name, model=model: fed[name].append(
-                [p.grad.clone() for p in model.parameters()]))
+                [p.grad.clone() for p in model.parameters()]
+            )
+        )
     # the same seed gives the same window order; 4 draws of 2 windows are the 8 windows of one draw
     s_whole = BatchSampler(tokens, seq_len=SEQ, batch_size=8, seed=3)
     s_micro = BatchSampler(tokens, seq_len=SEQ, batch_size=2, seed=3)

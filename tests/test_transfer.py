@@ -31,8 +31,11 @@ LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 META = dict(run_id="t", manifest_hash="0123456789abcdef", round=3, step=30, theta_hash="abc", num_tensors=6)
 
 # PhotonAverager may already include the mixin (then listing it again would make an impossible MRO)
-_Base = PhotonAverager if issubclass(PhotonAverager, StateTransferMixin) else \
-    type("_MixedAverager", (StateTransferMixin, PhotonAverager), {})
+_Base = (
+    PhotonAverager
+    if issubclass(PhotonAverager, StateTransferMixin)
+    else type("_MixedAverager", (StateTransferMixin, PhotonAverager), {})
+)
 
 
 class _TestAverager(_Base):
@@ -67,9 +70,14 @@ class _TestAverager(_Base):
 
 def _state(extra: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(3_000_000, generator=g), torch.randn(1000, 1000, generator=g),
-               torch.randn(700, 300, generator=g).to(torch.bfloat16), torch.randint(0, 1 << 40, (1001,), generator=g),
-               torch.tensor(2.5), torch.zeros(0, 5)]
+    tensors = [
+        torch.randn(3_000_000, generator=g),
+        torch.randn(1000, 1000, generator=g),
+        torch.randn(700, 300, generator=g).to(torch.bfloat16),
+        torch.randint(0, 1 << 40, (1001,), generator=g),
+        torch.tensor(2.5),
+        torch.zeros(0, 5),
+    ]
     return tensors + [torch.ones(extra)] if extra else tensors
 
 
@@ -93,9 +101,17 @@ class _Swarm:
         if dht is None:
             dht = hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=self.root.get_visible_maddrs())
             self.dhts.append(dht)
-        avg = _TestAverager([torch.zeros(1)], [t.clone() for t in state], dht, prefix="xfer",
-                            compression=NoCompression(), get_state_meta=lambda: dict(META), start=True,
-                            allow_state_sharing=share, request_timeout=1.0)
+        avg = _TestAverager(
+            [torch.zeros(1)],
+            [t.clone() for t in state],
+            dht,
+            prefix="xfer",
+            compression=NoCompression(),
+            get_state_meta=lambda: dict(META),
+            start=True,
+            allow_state_sharing=share,
+            request_timeout=1.0,
+        )
         self.avgs.append(avg)
         return avg
 
@@ -191,8 +207,11 @@ def test_lying_donors_are_refused_and_an_honest_one_finishes(swarm):
 def test_no_reachable_donor_gives_up_with_one_reason(swarm, capfd):
     client, second = swarm.client, []
     # no donor that fresh; meanwhile a second download is refused at once
-    thread = threading.Thread(target=lambda: second.append(
-        (_download(swarm, 1000.0, stall_timeout=1.0, max_attempts=3), client.last_download_error)))
+    thread = threading.Thread(
+        target=lambda: second.append(
+            (_download(swarm, 1000.0, stall_timeout=1.0, max_attempts=3), client.last_download_error)
+        )
+    )
     t0 = time.monotonic()
     thread.start()
     time.sleep(1.0)
@@ -207,8 +226,7 @@ def test_no_reachable_donor_gives_up_with_one_reason(swarm, capfd):
     gone = hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=swarm.root.get_visible_maddrs())
     gone_id = gone.peer_id
     gone.shutdown()
-    swarm.root.store("xfer.all_averagers", subkey=gone_id.to_bytes(), value=2000.0,
-                     expiration_time=get_dht_time() + 60)
+    swarm.root.store("xfer.all_averagers", subkey=gone_id.to_bytes(), value=2000.0, expiration_time=get_dht_time() + 60)
     t0 = time.monotonic()
     assert _download(swarm, 2000.0, stall_timeout=2.0, max_attempts=2) is None
     assert time.monotonic() - t0 < 15
@@ -237,8 +255,11 @@ def test_untrusted_descriptions_and_messages_are_checked_strictly():
         "more than the expected": [dict(honest, size=TOTAL + (2 << 20)), consistent(huge, snap.size)],
         "malformed": [dict(honest, digests=honest["digests"][:-1])],
         "does not match its hashes": [dict(honest, header=honest["header"].replace(b"float32", b"float64", 1))],
-        "does not match the schema": [consistent(b"\xc1garbage", 64), consistent(_pack({"v": 2}), 64),
-                                      consistent(_pack({"v": 1, "meta": b"", "tensors": [["complex64", [1]]]}), 8)],
+        "does not match the schema": [
+            consistent(b"\xc1garbage", 64),
+            consistent(_pack({"v": 2}), 64),
+            consistent(_pack({"v": 1, "meta": b"", "tensors": [["complex64", [1]]]}), 8),
+        ],
         "size that does not match": [consistent(small, 44)],
     }
     for why, descriptions in lies.items():
@@ -246,8 +267,14 @@ def test_untrusted_descriptions_and_messages_are_checked_strictly():
             with pytest.raises(_Refused, match=why):
                 _parse_description(description, TOTAL)
     assert _unpack(_pack({"offset": 5}), {"offset": int}, 64) == {"offset": 5}
-    for raw in (_pack({"offset": True}), _pack({"offset": 5, "x": 1}), _pack([5]), b"\xc1", _pack({"offset": 1.0}),
-                _pack({"offset": 5, "pad": b"x" * 100})):
+    for raw in (
+        _pack({"offset": True}),
+        _pack({"offset": 5, "x": 1}),
+        _pack([5]),
+        b"\xc1",
+        _pack({"offset": 1.0}),
+        _pack({"offset": 5, "pad": b"x" * 100}),
+    ):
         with pytest.raises(_Refused):
             _unpack(raw, {"offset": int}, 64)
     with pytest.raises(ConnectionError, match="^busy now$"):  # a donor's error text reaches our log as one line

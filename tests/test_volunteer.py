@@ -33,22 +33,81 @@ def test_volunteer_gets_model_tokenizer_and_recipe_from_the_manifest(procs, tmp_
     creator_data = write_corpus(tmp_path / "creator-text", seed=1)
     volunteer_data = write_corpus(tmp_path / "volunteer-text", seed=2)
     tok = tmp_path / "creator-only" / "tok.json"
-    made = run_cli(console("photon-tokenizer") + ["train", "--data", str(creator_data), "--vocab-size", "320",
-                                                  "--output", str(tok)], tmp_path / "tokenizer")
+    made = run_cli(
+        console("photon-tokenizer")
+        + ["train", "--data", str(creator_data), "--vocab-size", "320", "--output", str(tok)],
+        tmp_path / "tokenizer",
+    )
     assert made.returncode == 0, made.stderr
     entry = start_bootstrap(procs)
-    per_peer = ["--host-maddrs", LOOPBACK, "--threads", "1", "--no-progress", "--metrics-file", "metrics.jsonl",
-                "--log-every", "2", "--tensorboard-dir", str(tmp_path / "tb"),
-                "--checkpoint-dir", "ckpt", "--min-group-size", "2", "--eval-every", "0", "--eval-batches", "2"]
-    creator = procs.start(console("photon-peer") + [
-        "--initial-peers", entry, "--run-id", "vol", "--data", str(creator_data), "--tokenizer", str(tok),
-        "--model", "micro", "--local-steps", "4", "--max-steps", "24", "--batch-size", "4", "--lr", "2e-3",
-        "--outer-optimizer", "nesterov", "--compression", "none", "--cache-dir", str(tmp_path / "c1"), *per_peer],
-        "creator")
+    per_peer = [
+        "--host-maddrs",
+        LOOPBACK,
+        "--threads",
+        "1",
+        "--no-progress",
+        "--metrics-file",
+        "metrics.jsonl",
+        "--log-every",
+        "2",
+        "--tensorboard-dir",
+        str(tmp_path / "tb"),
+        "--checkpoint-dir",
+        "ckpt",
+        "--min-group-size",
+        "2",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "2",
+    ]
+    creator = procs.start(
+        console("photon-peer")
+        + [
+            "--initial-peers",
+            entry,
+            "--run-id",
+            "vol",
+            "--data",
+            str(creator_data),
+            "--tokenizer",
+            str(tok),
+            "--model",
+            "micro",
+            "--local-steps",
+            "4",
+            "--max-steps",
+            "24",
+            "--batch-size",
+            "4",
+            "--lr",
+            "2e-3",
+            "--outer-optimizer",
+            "nesterov",
+            "--compression",
+            "none",
+            "--cache-dir",
+            str(tmp_path / "c1"),
+            *per_peer,
+        ],
+        "creator",
+    )
     creator.wait_for(r"started run 'vol'", 120)
-    volunteer = procs.start(console("photon-peer") + [
-        "--initial-peers", entry, "--run-id", "vol", "--data", str(volunteer_data),
-        "--cache-dir", str(tmp_path / "c2"), *per_peer], "volunteer")
+    volunteer = procs.start(
+        console("photon-peer")
+        + [
+            "--initial-peers",
+            entry,
+            "--run-id",
+            "vol",
+            "--data",
+            str(volunteer_data),
+            "--cache-dir",
+            str(tmp_path / "c2"),
+            *per_peer,
+        ],
+        "volunteer",
+    )
     for p in (creator, volunteer):
         finish(p, 300)
     assert "joining run 'vol' created by" in volunteer.output()
@@ -60,11 +119,15 @@ def test_volunteer_gets_model_tokenizer_and_recipe_from_the_manifest(procs, tmp_
         assert rec["step"] == 4 * (r + 1), rec
         # a hiccup of the machine can make one all-reduce fail on one side (hivemind's matchmaking is not atomic):
         # then the volunteer's round is late and its work carried into the next round, never dropped
-        assert (rec["outcome"], rec["group_size"]) == ("averaged", 2) or \
-            (rec["outcome"] == "late" and rec["carried_tokens"] >= rec["own_tokens"] > 0), rec
+        assert (rec["outcome"], rec["group_size"]) == ("averaged", 2) or (
+            rec["outcome"] == "late" and rec["carried_tokens"] >= rec["own_tokens"] > 0
+        ), rec
         assert rec["wasted_tokens"] == 0, rec
-    together = [r for r, rec in rv.items() if rec["outcome"] == rc[r]["outcome"] == "averaged"
-                and rec["lost_fraction"] == rc[r]["lost_fraction"] == 0]
+    together = [
+        r
+        for r, rec in rv.items()
+        if rec["outcome"] == rc[r]["outcome"] == "averaged" and rec["lost_fraction"] == rc[r]["lost_fraction"] == 0
+    ]
     assert together, f"the volunteer never averaged a whole round with the creator:\n{rv}\n{rc}"
     for r in together:
         assert rv[r]["theta_hash"] == rc[r]["theta_hash"], f"round {r}: different theta\n{rv[r]}\n{rc[r]}"
@@ -86,8 +149,10 @@ def test_volunteer_gets_model_tokenizer_and_recipe_from_the_manifest(procs, tmp_
     board = json.loads(status.stdout)["leaderboard"]
     assert len(board) == 2 and all(row["rounds"] == 6 and not row["live"] for row in board), board
     claimed = sorted((row["tokens"], row["rounds_averaged"]) for row in board)
-    reported = sorted((sum(r["tokens_in_theta"] for r in rs.values()),
-                       sum(r["outcome"] == "averaged" for r in rs.values())) for rs in (rc, rv))
+    reported = sorted(
+        (sum(r["tokens_in_theta"] for r in rs.values()), sum(r["outcome"] == "averaged" for r in rs.values()))
+        for rs in (rc, rv)
+    )
     assert claimed == reported and min(claimed)[0] > 0, (board, reported)
 
     ckpt = load_checkpoint(latest_checkpoint(volunteer.dir / "ckpt"))

@@ -28,8 +28,12 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="photon-bootstrap", description=DESCRIPTION, epilog=EPILOG,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="photon-bootstrap",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (flags override it)")
     parser.add_argument("--version", action="version", version=f"photon-p2p {__version__}")
     add_section_arguments(parser, SECTIONS)

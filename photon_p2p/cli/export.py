@@ -1,9 +1,9 @@
 """``photon-export``: turn a photon checkpoint into a Hugging Face Llama directory (weights, config and tokenizer).
 
-    photon-export runs/ckpt --output my-model                  # the latest checkpoint: the swarm's model (theta)
-    photon-export runs/ckpt/step-00000300 --output my-model --dtype bf16
-    photon-export runs/ckpt --output my-copy --weights local   # this peer's own local copy instead
-    python -c "import transformers; transformers.LlamaForCausalLM.from_pretrained('my-model')"
+photon-export runs/ckpt --output my-model                  # the latest checkpoint: the swarm's model (theta)
+photon-export runs/ckpt/step-00000300 --output my-model --dtype bf16
+photon-export runs/ckpt --output my-copy --weights local   # this peer's own local copy instead
+python -c "import transformers; transformers.LlamaForCausalLM.from_pretrained('my-model')"
 """
 
 from __future__ import annotations
@@ -26,23 +26,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="photon-export",
         description="Export a photon-peer checkpoint to the Hugging Face Llama layout (config.json, "
-                    "model.safetensors, tokenizer files), loadable with transformers.LlamaForCausalLM.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="a --checkpoint-dir of photon-peer (its latest checkpoint is exported) or one "
-                             "step-XXXXXXXX directory inside it")
-    parser.add_argument("--output", "-o", required=True, metavar="DIR",
-                        help="directory to create; it must not exist yet or be empty")
-    parser.add_argument("--dtype", default="fp32", choices=DTYPES,
-                        help="weight precision of the export: fp32 (exact), bf16 or fp16 (half the size) "
-                             "(default: fp32)")
-    parser.add_argument("--weights", default="auto", choices=("auto", "theta", "local"),
-                        help="which weights of a swarm checkpoint: theta, the swarm's model as of the last round "
-                             "boundary, or local, this peer's own copy (part-way through a round if the checkpoint "
-                             "was saved on Ctrl-C); auto takes theta when the checkpoint has it, else the local "
-                             "weights (--local-only runs have only those) (default: auto)")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                        help="debug, info, warning or error (default: info)")
+        "model.safetensors, tokenizer files), loadable with transformers.LlamaForCausalLM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a --checkpoint-dir of photon-peer (its latest checkpoint is exported) or one "
+        "step-XXXXXXXX directory inside it",
+    )
+    parser.add_argument(
+        "--output", "-o", required=True, metavar="DIR", help="directory to create; it must not exist yet or be empty"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=DTYPES,
+        help="weight precision of the export: fp32 (exact), bf16 or fp16 (half the size) (default: fp32)",
+    )
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=("auto", "theta", "local"),
+        help="which weights of a swarm checkpoint: theta, the swarm's model as of the last round "
+        "boundary, or local, this peer's own copy (part-way through a round if the checkpoint "
+        "was saved on Ctrl-C); auto takes theta when the checkpoint has it, else the local "
+        "weights (--local-only runs have only those) (default: auto)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="debug, info, warning or error (default: info)",
+    )
     return parser
 
 
@@ -52,24 +69,27 @@ def find_checkpoint(spec: str) -> Path:
 
     path = Path(spec)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such directory; give a --checkpoint-dir of photon-peer or a "
-                              f"step-XXXXXXXX directory inside it")
+        raise CheckpointError(
+            f"{path}: no such directory; give a --checkpoint-dir of photon-peer or a step-XXXXXXXX directory inside it"
+        )
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory; give a --checkpoint-dir of photon-peer or a "
-                              f"step-XXXXXXXX directory inside it")
+        raise CheckpointError(
+            f"{path}: not a directory; give a --checkpoint-dir of photon-peer or a step-XXXXXXXX directory inside it"
+        )
     if (path / "meta.json").exists() or re.fullmatch(r"step-\d{8,}", path.name):
         return path  # one checkpoint (load_checkpoint explains what is wrong with an incomplete one)
     latest = latest_checkpoint(path)
     if latest is None:
-        raise CheckpointError(f"{path}: holds no checkpoint (no step-XXXXXXXX directory); "
-                              f"train with photon-peer --checkpoint-dir {path} first")
+        raise CheckpointError(
+            f"{path}: holds no checkpoint (no step-XXXXXXXX directory); "
+            f"train with photon-peer --checkpoint-dir {path} first"
+        )
     return latest
 
 
 def check_output(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CheckpointError(f"--output {path}: already exists and is not empty; choose a new directory or "
-                              f"remove it")
+        raise CheckpointError(f"--output {path}: already exists and is not empty; choose a new directory or remove it")
 
 
 def export(args: argparse.Namespace) -> int:
@@ -87,12 +107,22 @@ def export(args: argparse.Namespace) -> int:
     model = model_from_checkpoint(ckpt, source=args.weights)
     tokenizer = tokenizer_from_checkpoint(ckpt)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    which = "the swarm's model (theta)" if args.weights != "local" and "theta" in ckpt.tensors else \
-        "this peer's local weights"
-    logger.info("exporting %s of %s (step %d, %s parameters, tokenizer %s)", which, step_dir, ckpt.step,
-                f"{model.num_params():,}", tokenizer.name)
-    export_hf(model, out, tokenizer_json=tokenizer.to_json(), eos_token=getattr(tokenizer, "eos_token", EOS_TEXT),
-              dtype=dtype)
+    which = (
+        "the swarm's model (theta)"
+        if args.weights != "local" and "theta" in ckpt.tensors
+        else "this peer's local weights"
+    )
+    logger.info(
+        "exporting %s of %s (step %d, %s parameters, tokenizer %s)",
+        which,
+        step_dir,
+        ckpt.step,
+        f"{model.num_params():,}",
+        tokenizer.name,
+    )
+    export_hf(
+        model, out, tokenizer_json=tokenizer.to_json(), eos_token=getattr(tokenizer, "eos_token", EOS_TEXT), dtype=dtype
+    )
     print(f"exported {step_dir} to {out}; load it with transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
     return 0
 

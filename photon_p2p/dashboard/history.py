@@ -104,9 +104,13 @@ class History:
         pid = peer["peer_id"][:128]
         last = peer.get("last_round")
         if isinstance(last, dict) and (done := round_number(last.get("round"))) is not None:
-            entry: dict[str, Any] = {"final": True, "loss": number(last.get("loss")),
-                                     "val_ppl": number(last.get("val_ppl")), "tokens": number(last.get("tokens")),
-                                     "outcome": text(last.get("outcome"), 16)}
+            entry: dict[str, Any] = {
+                "final": True,
+                "loss": number(last.get("loss")),
+                "val_ppl": number(last.get("val_ppl")),
+                "tokens": number(last.get("tokens")),
+                "outcome": text(last.get("outcome"), 16),
+            }
             entry.update({name: number(last.get(name)) for name in TIMING_FIELDS})
             earlier = self._rounds.get(done, {}).get(pid) or {}
             for name in ("loss", "val_ppl"):  # a summary without a value keeps what the heartbeats showed
@@ -157,9 +161,13 @@ class History:
             ppls = [e["val_ppl"] for e in entries if e.get("val_ppl") is not None]
             final = [e for e in entries if e["final"]]
             row: dict[str, Any] = {
-                "round": rnd, "peers": len(entries), "summarised": len(final),
-                "loss_mean": _mean(losses), "loss_min": min(losses, default=None),
-                "loss_max": max(losses, default=None), "val_ppl": _mean(ppls),
+                "round": rnd,
+                "peers": len(entries),
+                "summarised": len(final),
+                "loss_mean": _mean(losses),
+                "loss_min": min(losses, default=None),
+                "loss_max": max(losses, default=None),
+                "val_ppl": _mean(ppls),
                 "tokens": sum(e["tokens"] for e in final if e.get("tokens") is not None) if final else None,
                 "outcomes": dict(Counter(e["outcome"] for e in final if e.get("outcome"))),
             }
@@ -172,7 +180,11 @@ class History:
         """JSON-ready; cached until the next ``add()`` (the page asks for it every few seconds)."""
         if self._cached is None:
             self._cached = {
-                "snapshots": self.snapshots, "first_at": self.first_at, "updated_at": self.updated_at,
-                "throughput": list(self.throughput), "theta": list(self.theta), "rounds": self.rounds(),
+                "snapshots": self.snapshots,
+                "first_at": self.first_at,
+                "updated_at": self.updated_at,
+                "throughput": list(self.throughput),
+                "theta": list(self.theta),
+                "rounds": self.rounds(),
             }
         return self._cached

@@ -53,8 +53,10 @@ STATIC = {  # URL path -> (file in static/, content type); nothing else is ever 
     "/static/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 # no inline scripts or styles at all: even if a swarm string ever reached the DOM as markup, it could not run
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 SERVE_HINT = "expected [HOST:]PORT with a port from 0 to 65535, e.g. 8080 or 127.0.0.1:8080 ([::1]:8080 for IPv6)"
 
@@ -112,14 +114,22 @@ def _describe(error: BaseException) -> str:
 class Dashboard:
     """Serves one run (``run_id``) or the runs ``list_runs()`` returns (dicts with run_id, manifest_hash, time)."""
 
-    def __init__(self, gather: Gather, *, run_id: str | None = None,
-                 list_runs: Callable[[], list[dict[str, Any]]] | None = None, period: float = DEFAULT_PERIOD,
-                 initial: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        gather: Gather,
+        *,
+        run_id: str | None = None,
+        list_runs: Callable[[], list[dict[str, Any]]] | None = None,
+        period: float = DEFAULT_PERIOD,
+        initial: dict[str, Any] | None = None,
+    ):
         if (run_id is None) == (list_runs is None):
             raise ValueError("give either run_id or list_runs")
         self.gather, self.run_id, self.list_runs, self.period = gather, run_id, list_runs, period
-        self._pages = {path: (resources.files(__package__).joinpath("static", name).read_bytes(), ctype)
-                       for path, (name, ctype) in STATIC.items()}
+        self._pages = {
+            path: (resources.files(__package__).joinpath("static", name).read_bytes(), ctype)
+            for path, (name, ctype) in STATIC.items()
+        }
         self._lock = threading.Lock()
         self._histories: OrderedDict[str, History] = OrderedDict()
         self._latest: dict[str, dict[str, Any]] = {}
@@ -272,16 +282,21 @@ class Dashboard:
         self._httpd.dashboard = self
         self.host, self.port = host, self._httpd.server_address[1]
         if not is_loopback(host):
-            logger.warning("the dashboard at %s is public: anyone who can reach this machine can open it (there is "
-                           "no authentication; it shows what the DHT already tells everyone)", self.url)
+            logger.warning(
+                "the dashboard at %s is public: anyone who can reach this machine can open it (there is "
+                "no authentication; it shows what the DHT already tells everyone)",
+                self.url,
+            )
         httpd = self._httpd
 
         def serve() -> None:
             _block_signals()
             httpd.serve_forever(poll_interval=0.5)
 
-        self._threads = [threading.Thread(target=serve, name="photon-dashboard-http", daemon=True),
-                         threading.Thread(target=self._poll_loop, name="photon-dashboard-poll", daemon=True)]
+        self._threads = [
+            threading.Thread(target=serve, name="photon-dashboard-http", daemon=True),
+            threading.Thread(target=self._poll_loop, name="photon-dashboard-poll", daemon=True),
+        ]
         for thread in self._threads:
             thread.start()
         return self
@@ -299,8 +314,9 @@ class Dashboard:
             thread.join(timeout=2.0)
 
 
-def serve_until_stopped(dashboard: Dashboard, host: str, port: int, *, out: TextIO, alive: Callable[[], bool],
-                        dead: str) -> None:
+def serve_until_stopped(
+    dashboard: Dashboard, host: str, port: int, *, out: TextIO, alive: Callable[[], bool], dead: str
+) -> None:
     """Start the dashboard, print where it is, and serve until Ctrl-C/SIGTERM (KeyboardInterrupt, re-raised) or
     until ``alive()`` turns false (SwarmError ``dead``); the dashboard is stopped either way."""
     dashboard.start(host, port)

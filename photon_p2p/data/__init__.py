@@ -19,17 +19,39 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "Tokenizer": "tokenizer", "ByteTokenizer": "tokenizer", "HFTokenizer": "tokenizer",
-    "load_tokenizer": "tokenizer", "tokenizer_from_json": "tokenizer", "train_bpe": "tokenizer",
-    "SourceFile": "sources", "Document": "sources", "resolve_paths": "sources", "iter_documents": "sources",
-    "TokenDataset": "shards", "prepare_dataset": "shards", "default_cache_dir": "shards",
-    "BatchSampler": "sampler", "iter_eval_batches": "sampler",
+    "Tokenizer": "tokenizer",
+    "ByteTokenizer": "tokenizer",
+    "HFTokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "tokenizer_from_json": "tokenizer",
+    "train_bpe": "tokenizer",
+    "SourceFile": "sources",
+    "Document": "sources",
+    "resolve_paths": "sources",
+    "iter_documents": "sources",
+    "TokenDataset": "shards",
+    "prepare_dataset": "shards",
+    "default_cache_dir": "shards",
+    "BatchSampler": "sampler",
+    "iter_eval_batches": "sampler",
 }
 
 __all__ = [
-    "BatchSampler", "ByteTokenizer", "Document", "HFTokenizer", "SourceFile", "TokenDataset", "Tokenizer",
-    "default_cache_dir", "iter_documents", "iter_eval_batches", "load_tokenizer", "prepare_dataset",
-    "resolve_paths", "tokenizer_from_json", "train_bpe",
+    "BatchSampler",
+    "ByteTokenizer",
+    "Document",
+    "HFTokenizer",
+    "SourceFile",
+    "TokenDataset",
+    "Tokenizer",
+    "default_cache_dir",
+    "iter_documents",
+    "iter_eval_batches",
+    "load_tokenizer",
+    "prepare_dataset",
+    "resolve_paths",
+    "tokenizer_from_json",
+    "train_bpe",
 ]
 
 if TYPE_CHECKING:

@@ -40,8 +40,9 @@ class BatchSampler:
     resumed from ``(epoch, position)`` alone. A batch may span the end of one epoch and the start of the next.
     """
 
-    def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
-                 partition: tuple[int, int] = (0, 1)) -> None:
+    def __init__(
+        self, tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, partition: tuple[int, int] = (0, 1)
+    ) -> None:
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
         k, n = partition
@@ -57,12 +58,16 @@ class BatchSampler:
         self.num_tokens = len(tokens)
         self.num_windows = _num_windows(self.num_tokens, seq_len)
         if self.num_windows == 0:
-            raise DataError(f"the training data holds only {self.num_tokens:,} tokens, fewer than --seq-len + 1 = "
-                            f"{seq_len + 1}; use a shorter --seq-len or add more --data")
+            raise DataError(
+                f"the training data holds only {self.num_tokens:,} tokens, fewer than --seq-len + 1 = "
+                f"{seq_len + 1}; use a shorter --seq-len or add more --data"
+            )
         self._windows = np.arange(k, self.num_windows, n, dtype=np.int64)
         if len(self._windows) == 0:
-            raise DataError(f"the training data holds {self.num_windows} windows of --seq-len {seq_len}, too few to "
-                            f"give partition {k} of {n} any; add more --data or use fewer peers per data copy")
+            raise DataError(
+                f"the training data holds {self.num_windows} windows of --seq-len {seq_len}, too few to "
+                f"give partition {k} of {n} any; add more --data or use fewer peers per data copy"
+            )
         self.epoch = 0
         self.position = 0
         self._order: np.ndarray | None = None
@@ -90,7 +95,7 @@ class BatchSampler:
         need = self.batch_size
         while need:
             order = self._epoch_order()
-            take = order[self.position:self.position + need]
+            take = order[self.position : self.position + need]
             picked.append(take)
             need -= len(take)
             self.position += len(take)
@@ -101,9 +106,16 @@ class BatchSampler:
         return _gather(self.tokens, starts, self.seq_len)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
-                "batch_size": self.batch_size, "partition": [int(p) for p in self.partition],
-                "num_windows": self.num_windows, "num_tokens": self.num_tokens}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "partition": [int(p) for p in self.partition],
+            "num_windows": self.num_windows,
+            "num_tokens": self.num_tokens,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` left off. Refuses a state saved for other data, ``seq_len`` or partition;
@@ -113,30 +125,38 @@ class BatchSampler:
             saved = {name: int(state[name]) for name in ("epoch", "position", "seed", "seq_len", "num_windows")}
             saved_tokens = int(state.get("num_tokens", self.num_tokens))
         except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"the sampler state in this checkpoint is malformed ({e!r}); start over with --fresh"
-                            ) from None
+            raise DataError(
+                f"the sampler state in this checkpoint is malformed ({e!r}); start over with --fresh"
+            ) from None
         problems = []
         if saved["seq_len"] != self.seq_len:
             problems.append(f"--seq-len was {saved['seq_len']}, now {self.seq_len}")
         if saved_partition != self.partition:
-            problems.append(f"partition was {saved_partition[0]} of {saved_partition[1]}, "
-                            f"now {self.partition[0]} of {self.partition[1]}")
+            problems.append(
+                f"partition was {saved_partition[0]} of {saved_partition[1]}, "
+                f"now {self.partition[0]} of {self.partition[1]}"
+            )
         if saved["num_windows"] != self.num_windows or saved_tokens != self.num_tokens:
             problems.append(f"it had {saved_tokens:,} training tokens, now {self.num_tokens:,}")
         if problems:
-            raise DataError(f"the data changed since this checkpoint: {'; '.join(problems)}; use the same --data, "
-                            f"--tokenizer and --seq-len, or start over with --fresh")
+            raise DataError(
+                f"the data changed since this checkpoint: {'; '.join(problems)}; use the same --data, "
+                f"--tokenizer and --seq-len, or start over with --fresh"
+            )
         if not (saved["epoch"] >= 0 and 0 <= saved["position"] < len(self._windows)):
-            raise DataError(f"the sampler state in this checkpoint is malformed (epoch {saved['epoch']}, position "
-                            f"{saved['position']} of {len(self._windows)}); start over with --fresh")
+            raise DataError(
+                f"the sampler state in this checkpoint is malformed (epoch {saved['epoch']}, position "
+                f"{saved['position']} of {len(self._windows)}); start over with --fresh"
+            )
         if saved["seed"] != self.seed:
             logger.info("continuing the data order of seed %d from the checkpoint (not %d)", saved["seed"], self.seed)
         self.seed, self.epoch, self.position = saved["seed"], saved["epoch"], saved["position"]
         self._order_epoch = -1
 
 
-def iter_eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int,
-                      max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_eval_batches(
+    tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Contiguous windows from the start of ``tokens``, in order: the same batches on every call and every peer.
 
     At most ``max_batches`` batches; the last may be smaller. A validation split shorter than ``seq_len + 1``
@@ -146,8 +166,9 @@ def iter_eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int,
         raise ValueError("seq_len, batch_size and max_batches must be positive")
     n = len(tokens)
     if n < 2:
-        raise DataError(f"the validation data holds {n} token(s), too few to evaluate on; add more --data or raise "
-                        f"--val-fraction")
+        raise DataError(
+            f"the validation data holds {n} token(s), too few to evaluate on; add more --data or raise --val-fraction"
+        )
     length = min(seq_len, n - 1)
     count = min(_num_windows(n, length), max_batches * batch_size)
     for first in range(0, count, batch_size):

@@ -95,19 +95,23 @@ def file_sha256(path: str, bar: tqdm | None = None) -> str:
 
 
 def cache_key(tokenizer_fingerprint: str, val_fraction: float, file_hashes: Sequence[str]) -> str:
-    desc = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer_fingerprint,
-            "val_fraction": repr(float(val_fraction)), "files": list(file_hashes)}
+    desc = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": tokenizer_fingerprint,
+        "val_fraction": repr(float(val_fraction)),
+        "files": list(file_hashes),
+    }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 
-def prepare_dataset(paths: list[str], tokenizer: Tokenizer, *, cache_dir: str | None, val_fraction: float,
-                    progress: bool = True) -> TokenDataset:
+def prepare_dataset(
+    paths: list[str], tokenizer: Tokenizer, *, cache_dir: str | None, val_fraction: float, progress: bool = True
+) -> TokenDataset:
     """Tokenize ``paths`` into cached train/val token files (once per content), and open them."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     files = resolve_paths(paths)
-    with tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True, desc="hashing",
-              disable=not progress) as bar:
+    with tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True, desc="hashing", disable=not progress) as bar:
         hashes = [file_sha256(f.path, bar) for f in files]
     key = cache_key(tokenizer.fingerprint, val_fraction, hashes)
 
@@ -125,8 +129,12 @@ def prepare_dataset(paths: list[str], tokenizer: Tokenizer, *, cache_dir: str | 
             ds = TokenDataset.load(final)
             if ds.meta.get("key") != key:
                 raise ValueError("key mismatch")
-            logger.info("using cached token shards %s (%s train / %s val tokens)", final,
-                        f"{len(ds.train):,}", f"{len(ds.val):,}")
+            logger.info(
+                "using cached token shards %s (%s train / %s val tokens)",
+                final,
+                f"{len(ds.train):,}",
+                f"{len(ds.val):,}",
+            )
             return ds
         except (OSError, ValueError, KeyError, TypeError) as e:
             logger.warning("cache entry %s is unusable (%s); rebuilding it", final, e)
@@ -151,8 +159,9 @@ def prepare_dataset(paths: list[str], tokenizer: Tokenizer, *, cache_dir: str | 
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"{where}: cannot write token shards ({e.strerror or e}); free some space or choose "
-                        f"another --cache-dir") from None
+        raise DataError(
+            f"{where}: cannot write token shards ({e.strerror or e}); free some space or choose another --cache-dir"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -197,8 +206,15 @@ class _Split:
         return top + 1
 
 
-def _build(tmp: Path, files: list[SourceFile], hashes: list[str], tokenizer: Tokenizer, val_fraction: float,
-           key: str, progress: bool) -> None:
+def _build(
+    tmp: Path,
+    files: list[SourceFile],
+    hashes: list[str],
+    tokenizer: Tokenizer,
+    val_fraction: float,
+    key: str,
+    progress: bool,
+) -> None:
     started = time.time()
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32)
     train, val = _Split(tmp / "train.bin", dtype), _Split(tmp / "val.bin", dtype)
@@ -235,8 +251,10 @@ def _build(tmp: Path, files: list[SourceFile], hashes: list[str], tokenizer: Tok
 
     if train.docs + val.docs < 2:
         names = " ".join(f.path for f in files)
-        raise DataError(f"--data {names}: only one document; add more text so a validation document can be held "
-                        f"out (plain-text files over 64 KiB are split into several documents)")
+        raise DataError(
+            f"--data {names}: only one document; add more text so a validation document can be held "
+            f"out (plain-text files over 64 KiB are split into several documents)"
+        )
     if val.docs == 0:
         _move(train, val)
     elif train.docs == 0:
@@ -245,12 +263,18 @@ def _build(tmp: Path, files: list[SourceFile], hashes: list[str], tokenizer: Tok
     meta = {
         "format_version": FORMAT_VERSION,
         "key": key,
-        "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint,
-                      "vocab_size": tokenizer.vocab_size, "eos_id": eos},
+        "tokenizer": {
+            "name": tokenizer.name,
+            "fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": eos,
+        },
         "dtype": dtype.name,
         "val_fraction": val_fraction,
-        "train_tokens": train.tokens, "val_tokens": val.tokens,
-        "train_documents": train.docs, "val_documents": val.docs,
+        "train_tokens": train.tokens,
+        "val_tokens": val.tokens,
+        "train_documents": train.docs,
+        "val_documents": val.docs,
         "vocab_size_needed": vocab_needed,
         # the paths of the first build: the entry is reused for the same content under any name
         "sources": [{"path": f.path, "sha256": h, "size": f.size} for f, h in zip(files, hashes, strict=True)],
@@ -261,9 +285,15 @@ def _build(tmp: Path, files: list[SourceFile], hashes: list[str], tokenizer: Tok
         json.dump(meta, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    logger.info("tokenized %d documents in %.1f s: %s train / %s val tokens (%d / %d documents)",
-                train.docs + val.docs, meta["build_seconds"], f"{train.tokens:,}", f"{val.tokens:,}",
-                train.docs, val.docs)
+    logger.info(
+        "tokenized %d documents in %.1f s: %s train / %s val tokens (%d / %d documents)",
+        train.docs + val.docs,
+        meta["build_seconds"],
+        f"{train.tokens:,}",
+        f"{val.tokens:,}",
+        train.docs,
+        val.docs,
+    )
 
 
 def _move(src: _Split, dst: _Split) -> None:
@@ -273,8 +303,8 @@ def _move(src: _Split, dst: _Split) -> None:
     _, offset, length = src.candidate
     data = np.fromfile(src.path, dtype=src.dtype)
     with open(dst.path, "ab") as f:
-        data[offset:offset + length].tofile(f)
-    np.concatenate([data[:offset], data[offset + length:]]).tofile(src.path)
+        data[offset : offset + length].tofile(f)
+    np.concatenate([data[:offset], data[offset + length :]]).tofile(src.path)
     src.tokens -= length
     src.docs -= 1
     dst.tokens += length

@@ -172,8 +172,10 @@ def resolve_paths(paths: list[str]) -> list[SourceFile]:
             what = "pattern matches" if glob.has_magic(spec) and spec != "default" else "holds"
             n_skipped = len(skipped) - skipped_before
             why = f" ({n_skipped} skipped as binary or unreadable)" if n_skipped else ""
-            raise DataError(f"--data {spec}: {what} no usable text files{why}; looked for "
-                            f"{' '.join('*' + s for s in KNOWN_SUFFIXES)} (optionally .gz)")
+            raise DataError(
+                f"--data {spec}: {what} no usable text files{why}; looked for "
+                f"{' '.join('*' + s for s in KNOWN_SUFFIXES)} (optionally .gz)"
+            )
     _warn_skipped(skipped)
     return out
 
@@ -192,7 +194,7 @@ def _cut(buf: str, start: int) -> int:
     """Where the chunk starting at ``start`` ends: the first blank line after 16 Ki characters, else the last line
     end before 32 Ki, else at 32 Ki. Looks only at ``buf[start:start + CHUNK_MAX]``, so streaming gives the same
     cuts as reading the whole file at once."""
-    window = buf[start + CHUNK_MIN:start + CHUNK_MAX]
+    window = buf[start + CHUNK_MIN : start + CHUNK_MAX]
     blank = _BLANK_LINE.search(window)
     if blank:
         return start + CHUNK_MIN + blank.end()
@@ -298,8 +300,10 @@ def _read_parquet(f: SourceFile) -> Iterator[tuple[str, int]]:
         column = strings[0]
     else:
         columns = ", ".join(f"{fld.name}:{fld.type}" for fld in schema)
-        raise DataError(f"--data {f.path}: no string column 'text' and not exactly one string column "
-                        f"(columns: {columns}); name the text column 'text'")
+        raise DataError(
+            f"--data {f.path}: no string column 'text' and not exactly one string column "
+            f"(columns: {columns}); name the text column 'text'"
+        )
     total = max(pf.metadata.num_rows, 1)
     rows = 0
     for batch in pf.iter_batches(columns=[column], batch_size=1024):

@@ -149,8 +149,9 @@ class HFTokenizer:
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
         eos = next((t for t in EOS_CANDIDATES if t in vocab), None)
         if eos is None:
-            raise DataError(f"{origin} has no end-of-text token ({', '.join(EOS_CANDIDATES)}); "
-                            f"add one as a special token")
+            raise DataError(
+                f"{origin} has no end-of-text token ({', '.join(EOS_CANDIDATES)}); add one as a special token"
+            )
         self.eos_token = eos
         self.eos_id = vocab[eos]
         self._fingerprint: str | None = None
@@ -162,8 +163,9 @@ class HFTokenizer:
         try:
             text = p.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise DataError(f"{origin}: no such file (use 'byte' or a tokenizer JSON made by photon-tokenizer)"
-                            ) from None
+            raise DataError(
+                f"{origin}: no such file (use 'byte' or a tokenizer JSON made by photon-tokenizer)"
+            ) from None
         except IsADirectoryError:
             raise DataError(f"{origin}: is a directory, not a tokenizer JSON file") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -238,8 +240,9 @@ def tokenizer_from_json(text: str, *, origin: str = "tokenizer JSON") -> Tokeniz
 # training
 
 
-def train_bpe(paths: list[str], vocab_size: int, output: str, *, min_frequency: int = 2,
-              progress: bool = True) -> HFTokenizer:
+def train_bpe(
+    paths: list[str], vocab_size: int, output: str, *, min_frequency: int = 2, progress: bool = True
+) -> HFTokenizer:
     """Train a byte-level BPE (GPT-2 style) on the documents of ``paths`` and write it to ``output`` atomically.
 
     Every byte is in the initial alphabet, so any text encodes without unknown tokens. Increase ``vocab_size`` for
@@ -251,8 +254,10 @@ def train_bpe(paths: list[str], vocab_size: int, output: str, *, min_frequency: 
     from photon_p2p.data.sources import iter_documents, resolve_paths
 
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
-        raise DataError(f"--vocab-size {vocab_size}: must be between {MIN_VOCAB_SIZE} (256 bytes + end-of-text + "
-                        f"one merge) and {MAX_VOCAB_SIZE:,}")
+        raise DataError(
+            f"--vocab-size {vocab_size}: must be between {MIN_VOCAB_SIZE} (256 bytes + end-of-text + "
+            f"one merge) and {MAX_VOCAB_SIZE:,}"
+        )
     if min_frequency < 1:
         raise DataError(f"--min-frequency {min_frequency}: must be at least 1")
     out = Path(output)
@@ -262,14 +267,21 @@ def train_bpe(paths: list[str], vocab_size: int, output: str, *, min_frequency: 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=progress,
-        special_tokens=[EOS_TEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=progress,
+        special_tokens=[EOS_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     docs = (doc.text for doc in iter_documents(files, progress=progress, desc="reading"))
     tok.train_from_iterator(docs, trainer=trainer)
     got = tok.get_vocab_size(with_added_tokens=True)
     if got < vocab_size:
-        logger.warning("the data only supports %d tokens (asked for %d); lower --min-frequency or add text to get "
-                       "more", got, vocab_size)
+        logger.warning(
+            "the data only supports %d tokens (asked for %d); lower --min-frequency or add text to get more",
+            got,
+            vocab_size,
+        )
 
     text = tok.to_str(pretty=True)
     _write_atomically(out, text)

@@ -75,8 +75,9 @@ class PhotonAllReduceRunner(AllReduceRunner):
         self._encoded: dict[int, asyncio.Future] = {}
         self._own_part_shapes = tuple(p.shape for p in self.parts_for_local_averaging)
         # shapes of what each reducer must send back (read now: the container frees its parts when finished)
-        self._shapes_by_peer = [[part.shape for part, _info in parts]
-                                for parts in self.tensor_part_container._input_parts_by_peer]
+        self._shapes_by_peer = [
+            [part.shape for part, _info in parts] for parts in self.tensor_part_container._input_parts_by_peer
+        ]
 
     async def _encode_average(self, part_index: int, averaged_part: torch.Tensor):
         """Encode each averaged part once; every member gets the same bytes. Older parts are evicted: by the time
@@ -84,15 +85,17 @@ class PhotonAllReduceRunner(AllReduceRunner):
         future = self._encoded.get(part_index)
         if future is None:
             loop = asyncio.get_event_loop()
-            future = self._encoded[part_index] = asyncio.ensure_future(loop.run_in_executor(
-                None, lambda: serialize_torch_tensor(averaged_part, self._reply_type)))
+            future = self._encoded[part_index] = asyncio.ensure_future(
+                loop.run_in_executor(None, lambda: serialize_torch_tensor(averaged_part, self._reply_type))
+            )
             self._encoded.pop(part_index - 2, None)
         return await future
 
     async def _ban_sender(self, peer_id: PeerID):
         if peer_id not in self.banned_senders:
-            logger.warning("all-reduce: excluding %s's update from this round (it stopped sending or sent invalid "
-                           "data)", peer_id)
+            logger.warning(
+                "all-reduce: excluding %s's update from this round (it stopped sending or sent invalid data)", peer_id
+            )
         await super()._ban_sender(peer_id)
 
     def _check_input(self, part_index: int, tensor: torch.Tensor, weight: float) -> None:
@@ -103,8 +106,7 @@ class PhotonAllReduceRunner(AllReduceRunner):
         if not all_finite(tensor):
             raise AllreduceException(f"part {part_index} contains NaN or Inf")
 
-    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData],
-                                          sender_index: int):
+    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
         part_index = 0
         try:
             async for tensor_part, weight, nbytes in amap_in_executor(
@@ -116,7 +118,8 @@ class PhotonAllReduceRunner(AllReduceRunner):
                 self._check_input(part_index, tensor_part, weight)
                 try:
                     averaged_part = await self.tensor_part_reducer.accumulate_part(
-                        sender_index, part_index, tensor_part, weight=weight)
+                        sender_index, part_index, tensor_part, weight=weight
+                    )
                 except BannedException:
                     logger.debug("sender %d is already banned", sender_index)
                     break
@@ -141,10 +144,12 @@ class PhotonAllReduceRunner(AllReduceRunner):
             sender_index = self.sender_peer_ids.index(peer_id)
             for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
                 averaged_part = await self.tensor_part_reducer.accumulate_part(
-                    sender_index, part_index, tensor_part, weight=self.weight)
+                    sender_index, part_index, tensor_part, weight=self.weight
+                )
                 encoded = await self._encode_average(part_index, averaged_part)
-                self.tensor_part_container.register_processed_part(peer_index, part_index,
-                                                                   deserialize_torch_tensor(encoded))
+                self.tensor_part_container.register_processed_part(
+                    peer_index, part_index, deserialize_torch_tensor(encoded)
+                )
             return
         expected = self._shapes_by_peer[peer_index]
         try:
@@ -161,29 +166,40 @@ class PhotonAllReduceRunner(AllReduceRunner):
                 return deserialize_torch_tensor(msg.tensor_part), msg.tensor_part.ByteSize()
 
             async for averaged, nbytes in amap_in_executor(
-                _decode, aiter_with_timeout(stream, self.reducer_timeout),
+                _decode,
+                aiter_with_timeout(stream, self.reducer_timeout),
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
                 self.traffic.received += nbytes
-                if part_index >= len(expected) or averaged.shape != expected[part_index] or \
-                        not all_finite(averaged):
+                if part_index >= len(expected) or averaged.shape != expected[part_index] or not all_finite(averaged):
                     raise AllreduceException(f"{peer_id} returned a malformed average for part {part_index}")
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
                 part_index += 1
             if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
-                raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected "
-                                         f"{self.tensor_part_container.num_parts_by_peer[peer_index]}")
+                raise AllreduceException(
+                    f"peer {peer_id} sent {part_index} parts, expected "
+                    f"{self.tensor_part_container.num_parts_by_peer[peer_index]}"
+                )
         except BaseException as e:
             if isinstance(e, Exception):
-                logger.warning("all-reduce: lost the part of the update reduced by %s (%r); it counts as no "
-                               "update for this round", peer_id, e)
+                logger.warning(
+                    "all-reduce: lost the part of the update reduced by %s (%r); it counts as no update for this round",
+                    peer_id,
+                    e,
+                )
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 
 
-def averager_settings(*, matchmaking_time: float, allreduce_timeout: float, target_group_size: int | None = None,
-                      min_group_size: int = 2, client_mode: bool = False,
-                      chunk_timeout: float | None = None) -> dict[str, Any]:
+def averager_settings(
+    *,
+    matchmaking_time: float,
+    allreduce_timeout: float,
+    target_group_size: int | None = None,
+    min_group_size: int = 2,
+    client_mode: bool = False,
+    chunk_timeout: float | None = None,
+) -> dict[str, Any]:
     """The one place where our round settings become hivemind averager arguments (peer, benchmarks, tests).
 
     Chunk timeouts follow the all-reduce timeout unless given: a part of 512 KiB that takes longer than a quarter
@@ -191,10 +207,17 @@ def averager_settings(*, matchmaking_time: float, allreduce_timeout: float, targ
     it."""
     if chunk_timeout is None:
         chunk_timeout = max(2.0, min(30.0, allreduce_timeout / 4))
-    return dict(min_matchmaking_time=matchmaking_time, request_timeout=min(3.0, matchmaking_time / 3),
-                target_group_size=target_group_size, min_group_size=max(2, min_group_size),
-                allreduce_timeout=allreduce_timeout, next_chunk_timeout=chunk_timeout, sender_timeout=chunk_timeout,
-                reducer_timeout=2 * chunk_timeout, client_mode=client_mode)
+    return dict(
+        min_matchmaking_time=matchmaking_time,
+        request_timeout=min(3.0, matchmaking_time / 3),
+        target_group_size=target_group_size,
+        min_group_size=max(2, min_group_size),
+        allreduce_timeout=allreduce_timeout,
+        next_chunk_timeout=chunk_timeout,
+        sender_timeout=chunk_timeout,
+        reducer_timeout=2 * chunk_timeout,
+        client_mode=client_mode,
+    )
 
 
 class PhotonAverager(StateTransferMixin, DecentralizedAverager):
@@ -206,13 +229,23 @@ class PhotonAverager(StateTransferMixin, DecentralizedAverager):
     :param get_state_meta: called in the host process when a peer downloads our state; returns the metadata dict
     """
 
-    def __init__(self, delta: Sequence[torch.Tensor], state: Sequence[torch.Tensor], dht: Any, *, prefix: str,
-                 compression: CompressionBase, get_state_meta: Callable[[], dict[str, Any]], **kwargs: Any):
+    def __init__(
+        self,
+        delta: Sequence[torch.Tensor],
+        state: Sequence[torch.Tensor],
+        dht: Any,
+        *,
+        prefix: str,
+        compression: CompressionBase,
+        get_state_meta: Callable[[], dict[str, Any]],
+        **kwargs: Any,
+    ):
         self.num_delta = len(delta)
         self._get_state_meta = get_state_meta
         self._compression_for_delta = compression
-        super().__init__(averaged_tensors=list(delta) + list(state), dht=dht, prefix=prefix, compression=compression,
-                         **kwargs)
+        super().__init__(
+            averaged_tensors=list(delta) + list(state), dht=dht, prefix=prefix, compression=compression, **kwargs
+        )
 
     def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
         """Start the averager process without leaving Ctrl-C ignored here.
@@ -283,27 +316,41 @@ class PhotonAverager(StateTransferMixin, DecentralizedAverager):
             if len(rounds) != 1:
                 raise AllreduceException(f"group members are at different rounds {sorted(rounds)}")
             modes = tuple(map(AveragingMode, mode_ids))
-            download_bandwidths = [b if m != AveragingMode.CLIENT else 0.0
-                                   for b, m in zip(bandwidths, modes, strict=True)]
+            download_bandwidths = [
+                b if m != AveragingMode.CLIENT else 0.0 for b, m in zip(bandwidths, modes, strict=True)
+            ]
             fractions = await asyncio.get_event_loop().run_in_executor(
-                None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size)
+                None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size
+            )
             reconcile = len({g["theta_hash"] for g in gathered.values()}) > 1
             traffic = TrafficCounter()
             reconcile_failed = False
             async with enter_asynchronously(self.get_tensors()) as tensors:
-                await self._run_photon_allreduce(tensors[: self.num_delta], group_info, PHASE_DELTA, fractions,
-                                                 traffic, kwargs)
+                await self._run_photon_allreduce(
+                    tensors[: self.num_delta], group_info, PHASE_DELTA, fractions, traffic, kwargs
+                )
                 if reconcile:
                     # exact (uncompressed) and unweighted: every member's theta is an equally valid candidate
                     state_kwargs = dict(kwargs, compression=NoCompression(), weight=1.0)
                     reconcile_failed = not await self._run_photon_allreduce(
-                        tensors[self.num_delta:], group_info, PHASE_STATE, fractions, traffic, state_kwargs,
-                        all_or_nothing=True)
-            return dict(gathered=gathered, reconciled=reconcile and not reconcile_failed,
-                        reconcile_failed=reconcile_failed, allreduce_s=time.perf_counter() - started,
-                        bytes_sent=traffic.sent,
-                        bytes_received=traffic.received, group=[p.to_base58() for p in group_info.peer_ids],
-                        lost_fraction=traffic.lost_values / max(1, traffic.total_values))
+                        tensors[self.num_delta :],
+                        group_info,
+                        PHASE_STATE,
+                        fractions,
+                        traffic,
+                        state_kwargs,
+                        all_or_nothing=True,
+                    )
+            return dict(
+                gathered=gathered,
+                reconciled=reconcile and not reconcile_failed,
+                reconcile_failed=reconcile_failed,
+                allreduce_s=time.perf_counter() - started,
+                bytes_sent=traffic.sent,
+                bytes_received=traffic.received,
+                group=[p.to_base58() for p in group_info.peer_ids],
+                lost_fraction=traffic.lost_values / max(1, traffic.total_values),
+            )
         except BaseException as e:
             if isinstance(e, Exception):
                 logger.debug("all-reduce failed: %r", e, exc_info=True)
@@ -311,16 +358,32 @@ class PhotonAverager(StateTransferMixin, DecentralizedAverager):
 
     runner_class = PhotonAllReduceRunner  # tests substitute a faulty runner here
 
-    async def _run_photon_allreduce(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, phase: bytes,
-                                    fractions: Any, traffic: TrafficCounter, kwargs: dict[str, Any], *,
-                                    all_or_nothing: bool = False) -> bool:
+    async def _run_photon_allreduce(
+        self,
+        tensors: Sequence[torch.Tensor],
+        group_info: GroupInfo,
+        phase: bytes,
+        fractions: Any,
+        traffic: TrafficCounter,
+        kwargs: dict[str, Any],
+        *,
+        all_or_nothing: bool = False,
+    ) -> bool:
         """Run one phase; write the averages into ``tensors``. With ``all_or_nothing`` the results are written only
         if every slice arrived (returns False and leaves ``tensors`` untouched otherwise)."""
         group_id = group_info.group_id + phase
         runner = self.runner_class(
-            traffic=traffic, fault_round=getattr(self, "_round", None) if phase == PHASE_DELTA else None, p2p=self._p2p,
-            servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids, peer_fractions=fractions, **kwargs)
+            traffic=traffic,
+            fault_round=getattr(self, "_round", None) if phase == PHASE_DELTA else None,
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            peer_fractions=fractions,
+            **kwargs,
+        )
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             async for _ in runner:
@@ -357,7 +420,7 @@ class PhotonAverager(StateTransferMixin, DecentralizedAverager):
         """Runs in our (host) process when another peer downloads state: a consistent snapshot under the lock."""
         with self.get_tensors() as tensors:
             meta = self._get_state_meta()
-            return meta, [t.detach().clone() for t in tensors[self.num_delta:]], None
+            return meta, [t.detach().clone() for t in tensors[self.num_delta :]], None
 
     # ---- per-round matchmaking settings, applied inside the averager process
     def set_round(self, round_: int, target_group_size: int | None) -> None:
@@ -366,8 +429,9 @@ class PhotonAverager(StateTransferMixin, DecentralizedAverager):
         from hivemind.utils import MPFuture
 
         future = MPFuture()
-        self._outer_pipe.send(("_set_round", [], dict(bits=format(round_, "b"), target=target_group_size,
-                                                        future=future)))
+        self._outer_pipe.send(
+            ("_set_round", [], dict(bits=format(round_, "b"), target=target_group_size, future=future))
+        )
         future.result(timeout=30)
 
     async def _set_round(self, bits: str, target: int | None, future: Any) -> None:

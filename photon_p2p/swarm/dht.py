@@ -35,8 +35,10 @@ def validate_maddrs(addrs: Sequence[str], *, flag: str, need_peer_id: bool) -> l
         except Exception as e:  # the multiaddr package raises several parse error types
             raise SwarmError(f"{flag} {addr!r}: not a valid multiaddr ({e}); expected e.g. {EXAMPLE_MADDR}") from None
         if need_peer_id and "p2p" not in maddr:
-            raise SwarmError(f"{flag} {addr!r}: missing the /p2p/<peer ID> part; copy the whole address printed by "
-                             f"photon-bootstrap or another peer, e.g. {EXAMPLE_MADDR}")
+            raise SwarmError(
+                f"{flag} {addr!r}: missing the /p2p/<peer ID> part; copy the whole address printed by "
+                f"photon-bootstrap or another peer, e.g. {EXAMPLE_MADDR}"
+            )
         out.append(str(maddr))
     return out
 
@@ -50,8 +52,10 @@ def check_ports_free(host_maddrs: Sequence[str]) -> None:
 
     for addr in host_maddrs:
         maddr = Multiaddr(addr)
-        for proto, family, kind in (("tcp", socket.AF_INET, socket.SOCK_STREAM), ("udp", socket.AF_INET,
-                                                                                  socket.SOCK_DGRAM)):
+        for proto, family, kind in (
+            ("tcp", socket.AF_INET, socket.SOCK_STREAM),
+            ("udp", socket.AF_INET, socket.SOCK_DGRAM),
+        ):
             if proto not in maddr or "ip4" not in maddr:
                 continue
             port = int(maddr.value_for_protocol(proto))
@@ -61,27 +65,43 @@ def check_ports_free(host_maddrs: Sequence[str]) -> None:
                 try:
                     sock.bind((maddr.value_for_protocol("ip4"), port))
                 except OSError as e:
-                    hint = ("is another node already running there? Choose another port" if e.errno == errno.EADDRINUSE
-                            else "is this an address of this machine? Use 0.0.0.0 for all interfaces")
-                    raise SwarmError(f"--host-maddrs {addr}: cannot listen on {proto} port {port} ({e.strerror}); "
-                                     f"{hint}") from None
+                    hint = (
+                        "is another node already running there? Choose another port"
+                        if e.errno == errno.EADDRINUSE
+                        else "is this an address of this machine? Use 0.0.0.0 for all interfaces"
+                    )
+                    raise SwarmError(
+                        f"--host-maddrs {addr}: cannot listen on {proto} port {port} ({e.strerror}); {hint}"
+                    ) from None
 
 
-def _explain_start_failure(error: BaseException, initial_peers: Sequence[str], host_maddrs: Sequence[str],
-                           timeout: float) -> str:
+def _explain_start_failure(
+    error: BaseException, initial_peers: Sequence[str], host_maddrs: Sequence[str], timeout: float
+) -> str:
     text = str(error)
     if "address already in use" in text.lower():
         return f"--host-maddrs {' '.join(host_maddrs)}: the port is already in use; choose another port (or tcp/0)"
     if initial_peers:
-        return (f"none of the initial peers answered within {timeout:.0f}s (tried: {', '.join(initial_peers)}). "
-                f"Check that the node is running, that its port is reachable through firewalls/NAT, and that the "
-                f"/p2p/ peer ID matches what it printed")
+        return (
+            f"none of the initial peers answered within {timeout:.0f}s (tried: {', '.join(initial_peers)}). "
+            f"Check that the node is running, that its port is reachable through firewalls/NAT, and that the "
+            f"/p2p/ peer ID matches what it printed"
+        )
     return f"could not start the DHT node: {text or type(error).__name__}"
 
 
-def start_dht(*, initial_peers: Sequence[str], host_maddrs: Sequence[str], announce_maddrs: Sequence[str] = (),
-              identity: Identity | None, client_mode: bool = False, use_relay: bool = True,
-              use_auto_relay: bool = False, join_timeout: float = 30.0, **kwargs: Any):
+def start_dht(
+    *,
+    initial_peers: Sequence[str],
+    host_maddrs: Sequence[str],
+    announce_maddrs: Sequence[str] = (),
+    identity: Identity | None,
+    client_mode: bool = False,
+    use_relay: bool = True,
+    use_auto_relay: bool = False,
+    join_timeout: float = 30.0,
+    **kwargs: Any,
+):
     """Start a hivemind DHT node in a background process and wait until it has joined (or fail cleanly)."""
     import hivemind
 
@@ -91,11 +111,17 @@ def start_dht(*, initial_peers: Sequence[str], host_maddrs: Sequence[str], annou
     check_ports_free(host_maddrs)
     with signals_deferred():  # the constructor creates hivemind's first shared-memory future; it does not fork
         dht = hivemind.DHT(
-            initial_peers=initial_peers or None, start=False, await_ready=False,
-            host_maddrs=host_maddrs, announce_maddrs=announce_maddrs or None,
+            initial_peers=initial_peers or None,
+            start=False,
+            await_ready=False,
+            host_maddrs=host_maddrs,
+            announce_maddrs=announce_maddrs or None,
             identity_path=str(identity.path) if identity is not None else None,
-            client_mode=client_mode, use_relay=use_relay, use_auto_relay=use_auto_relay,
-            startup_timeout=join_timeout, wait_timeout=min(5.0, join_timeout),
+            client_mode=client_mode,
+            use_relay=use_relay,
+            use_auto_relay=use_auto_relay,
+            startup_timeout=join_timeout,
+            wait_timeout=min(5.0, join_timeout),
             bootstrap_timeout=min(5.0, join_timeout),
             # a peer that is already running keeps its identity check quick; the DHT only needs it for fresh joins
             check_if_identity_free=bool(initial_peers),
@@ -109,8 +135,10 @@ def start_dht(*, initial_peers: Sequence[str], host_maddrs: Sequence[str], annou
         if isinstance(e, KeyboardInterrupt):
             raise
         if "already taken" in str(e):
-            raise SwarmError(f"--identity-path {identity.path if identity else ''}: this identity is already used by "
-                             f"a live peer in the swarm (is this peer already running?)") from None
+            raise SwarmError(
+                f"--identity-path {identity.path if identity else ''}: this identity is already used by "
+                f"a live peer in the swarm (is this peer already running?)"
+            ) from None
         raise SwarmError(_explain_start_failure(e, initial_peers, host_maddrs, join_timeout)) from None
     return dht
 

@@ -61,8 +61,9 @@ def read_contributions(calls: DHTCalls, run_id: str, rejects: RejectCounter) -> 
     return out
 
 
-def read_heartbeats(calls: DHTCalls, run_id: str, rejects: RejectCounter, *,
-                    include_left: bool = False) -> dict[str, Heartbeat]:
+def read_heartbeats(
+    calls: DHTCalls, run_id: str, rejects: RejectCounter, *, include_left: bool = False
+) -> dict[str, Heartbeat]:
     """Live peers of a run by peer ID (and, with ``include_left``, the goodbyes of those that left). Malformed,
     forged or mislabelled records are dropped and counted."""
     found = calls.get(heartbeat_key(run_id), latest=True)
@@ -87,15 +88,32 @@ def read_heartbeats(calls: DHTCalls, run_id: str, rejects: RejectCounter, *,
 class HeartbeatPublisher:
     """Publishes this peer's heartbeat from a daemon thread; the training loop just calls ``update()``."""
 
-    def __init__(self, calls: DHTCalls, identity: Identity, run: RunManifest, *, device: str, client_mode: bool,
-                 maddrs: list[str], period: float = HEARTBEAT_PERIOD, ttl: float = HEARTBEAT_TTL):
+    def __init__(
+        self,
+        calls: DHTCalls,
+        identity: Identity,
+        run: RunManifest,
+        *,
+        device: str,
+        client_mode: bool,
+        maddrs: list[str],
+        period: float = HEARTBEAT_PERIOD,
+        ttl: float = HEARTBEAT_TTL,
+    ):
         self.calls, self.identity, self.run = calls, identity, run
         self.period, self.ttl = period, ttl
-        self._fields: dict[str, Any] = dict(round=0, step=0, tokens=0, tokens_per_s=0.0, loss=None, val_ppl=None,
-                                            theta_hash="", stage="starting")
-        self._static = dict(peer_id=identity.peer_id.to_base58(), run_id=run.manifest.run_id,
-                            manifest_hash=run.hash, device=device[:64], version=__version__,
-                            client_mode=client_mode, maddrs=maddrs[:8])
+        self._fields: dict[str, Any] = dict(
+            round=0, step=0, tokens=0, tokens_per_s=0.0, loss=None, val_ppl=None, theta_hash="", stage="starting"
+        )
+        self._static = dict(
+            peer_id=identity.peer_id.to_base58(),
+            run_id=run.manifest.run_id,
+            manifest_hash=run.hash,
+            device=device[:64],
+            version=__version__,
+            client_mode=client_mode,
+            maddrs=maddrs[:8],
+        )
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -117,8 +135,9 @@ class HeartbeatPublisher:
     def contribute(self, *, tokens: int, rounds: int, rounds_averaged: int, first_seen: float) -> None:
         """This peer's running totals (the leaderboard entry); published by the heartbeat thread."""
         with self._lock:
-            self._contribution = dict(tokens=tokens, rounds=rounds, rounds_averaged=rounds_averaged,
-                                      first_seen=first_seen)
+            self._contribution = dict(
+                tokens=tokens, rounds=rounds, rounds_averaged=rounds_averaged, first_seen=first_seen
+            )
             self._contribution_dirty = True
         self._wake.set()
 
@@ -131,8 +150,13 @@ class HeartbeatPublisher:
             return False
         rec = Contribution(peer_id=self._static["peer_id"], run_id=self._static["run_id"], **fields, time=time.time())
         try:
-            return self.calls.store(contribution_key(rec.run_id), sign_record(rec, self.identity),
-                                    get_dht_time() + CONTRIBUTION_TTL, subkey=rec.peer_id, timeout=timeout)
+            return self.calls.store(
+                contribution_key(rec.run_id),
+                sign_record(rec, self.identity),
+                get_dht_time() + CONTRIBUTION_TTL,
+                subkey=rec.peer_id,
+                timeout=timeout,
+            )
         except Exception as e:
             logger.debug("contribution not published: %r", e)
             return False
@@ -146,8 +170,13 @@ class HeartbeatPublisher:
 
         hb = self._record()
         try:
-            return self.calls.store(heartbeat_key(hb.run_id), sign_record(hb, self.identity),
-                                    get_dht_time() + (ttl or self.ttl), subkey=hb.peer_id, timeout=timeout)
+            return self.calls.store(
+                heartbeat_key(hb.run_id),
+                sign_record(hb, self.identity),
+                get_dht_time() + (ttl or self.ttl),
+                subkey=hb.peer_id,
+                timeout=timeout,
+            )
         except Exception as e:  # the DHT being briefly unavailable must not kill the training process
             self.failures += 1
             logger.debug("heartbeat not published: %r", e)

@@ -51,7 +51,8 @@ class Identity:
         self.path = path
         self._key = private_key
         self.public_key_der = private_key.public_key().public_bytes(
-            encoding=serialization.Encoding.DER, format=serialization.PublicFormat.SubjectPublicKeyInfo)
+            encoding=serialization.Encoding.DER, format=serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         self.peer_id = peer_id_from_public_key(self.public_key_der)
 
     def sign(self, data: bytes) -> bytes:
@@ -76,8 +77,10 @@ class Identity:
         if not stat.S_ISREG(mode):
             raise SwarmError(f"{flag} {path}: not a regular file")
         if mode & 0o077:
-            raise SwarmError(f"{flag} {path}: private key is accessible by other users (mode {stat.S_IMODE(mode):o});"
-                             f" run: chmod 600 {path}")
+            raise SwarmError(
+                f"{flag} {path}: private key is accessible by other users (mode {stat.S_IMODE(mode):o});"
+                f" run: chmod 600 {path}"
+            )
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -90,8 +93,9 @@ class Identity:
             if not isinstance(key, rsa.RSAPrivateKey):
                 raise ValueError("not an RSA key")
         except Exception as e:  # protobuf and cryptography raise many types for garbage input
-            raise SwarmError(f"{flag} {path}: not a hivemind/libp2p RSA identity file ({e}); move it away to "
-                             f"create a new identity") from None
+            raise SwarmError(
+                f"{flag} {path}: not a hivemind/libp2p RSA identity file ({e}); move it away to create a new identity"
+            ) from None
         return cls(path, key)
 
     @classmethod
@@ -104,8 +108,11 @@ class Identity:
 
 
 def _write_private(path: Path, key: rsa.RSAPrivateKey) -> None:
-    der = key.private_bytes(encoding=serialization.Encoding.DER, format=serialization.PrivateFormat.TraditionalOpenSSL,
-                            encryption_algorithm=serialization.NoEncryption())
+    der = key.private_bytes(
+        encoding=serialization.Encoding.DER,
+        format=serialization.PrivateFormat.TraditionalOpenSSL,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
     data = crypto_pb2.PrivateKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
     # create with 0600 from the start: the key must never be readable by others, even briefly
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -57,8 +57,12 @@ class PeerLoop(RoundEngine):
                 raise _Leave()
             now = time.monotonic()
             if now >= deadline:
-                logger.warning("only %d of %d peers ready after %.0fs (--wait-for-peers-timeout): starting anyway",
-                               ready, sw.wait_for_peers, sw.wait_for_peers_timeout)
+                logger.warning(
+                    "only %d of %d peers ready after %.0fs (--wait-for-peers-timeout): starting anyway",
+                    ready,
+                    sw.wait_for_peers,
+                    sw.wait_for_peers_timeout,
+                )
                 return
             if now >= next_log:
                 logger.info("waiting for peers: %d of %d ready (--wait-for-peers)", ready, sw.wait_for_peers)
@@ -68,29 +72,51 @@ class PeerLoop(RoundEngine):
     def _say_if_no_group_can_form(self) -> None:
         peers = self.view.peers()
         if self.averager.client_mode and peers and not self.view.reachable_peers():
-            logger.warning("every live peer of run '%s' is in --client-mode: none accepts connections, so no group "
-                           "can form and this peer trains alone until a peer without --client-mode joins",
-                           self.run.manifest.run_id)
+            logger.warning(
+                "every live peer of run '%s' is in --client-mode: none accepts connections, so no group "
+                "can form and this peer trains alone until a peer without --client-mode joins",
+                self.run.manifest.run_id,
+            )
 
     def save(self) -> None:
         from photon_p2p.swarm.manifest import manifest_settings
 
-        self.session.save(extra_tensors={"theta": {f"{i:05d}": t for i, t in enumerate(self.theta)},
-                                         "outer": self.outer.state},
-                          extra_state={"round": self.round, "manifest_hash": self.run.hash,
-                                       "contribution": dict(self.contribution),
-                                       "manifest_settings": manifest_settings(self.run.manifest)})
+        self.session.save(
+            extra_tensors={"theta": {f"{i:05d}": t for i, t in enumerate(self.theta)}, "outer": self.outer.state},
+            extra_state={
+                "round": self.round,
+                "manifest_hash": self.run.hash,
+                "contribution": dict(self.contribution),
+                "manifest_settings": manifest_settings(self.run.manifest),
+            },
+        )
 
     def _evaluate(self, result: RoundResult) -> None:
         from photon_p2p.train.solo import format_eval_line
 
         load_theta(self.session.model, self.theta)  # evaluate the global model, not this peer's local copy
         result.val_loss, result.val_ppl = self.session.evaluate()
-        logger.info(format_eval_line(self.global_step, self.cfg.train.max_steps, result.loss, result.val_loss,
-                                     result.val_ppl, self.tokens_per_s))
+        logger.info(
+            format_eval_line(
+                self.global_step,
+                self.cfg.train.max_steps,
+                result.loss,
+                result.val_loss,
+                result.val_ppl,
+                self.tokens_per_s,
+            )
+        )
         self.heartbeat.update(val_ppl=result.val_ppl)
-        self.metrics.write(dict(kind="eval", step=self.global_step, round=result.round, val_loss=result.val_loss,
-                                val_ppl=result.val_ppl, tokens=self.session.progress.tokens))
+        self.metrics.write(
+            dict(
+                kind="eval",
+                step=self.global_step,
+                round=result.round,
+                val_loss=result.val_loss,
+                val_ppl=result.val_ppl,
+                tokens=self.session.progress.tokens,
+            )
+        )
 
     def _report(self, result: RoundResult) -> None:
         """Running totals for the leaderboard, and how this round went for dashboards (both signed, in the DHT)."""
@@ -99,10 +125,18 @@ class PeerLoop(RoundEngine):
         c["rounds"] += 1
         c["rounds_averaged"] += result.outcome == "averaged"
         self.heartbeat.contribute(**c)
-        self.heartbeat.update(last_round=LastRound(
-            round=result.round, outcome=result.outcome, tokens=result.tokens_in_theta,
-            train_s=_seconds(result.train_s), matchmaking_s=_seconds(result.matchmaking_s),
-            allreduce_s=_seconds(result.allreduce_s), loss=_finite(result.loss), val_ppl=_finite(result.val_ppl)))
+        self.heartbeat.update(
+            last_round=LastRound(
+                round=result.round,
+                outcome=result.outcome,
+                tokens=result.tokens_in_theta,
+                train_s=_seconds(result.train_s),
+                matchmaking_s=_seconds(result.matchmaking_s),
+                allreduce_s=_seconds(result.allreduce_s),
+                loss=_finite(result.loss),
+                val_ppl=_finite(result.val_ppl),
+            )
+        )
 
     def loop(self, metrics: MetricsWriter) -> dict[str, Any]:
         """Every round until --max-steps. Ctrl-C/SIGTERM stop between rounds (or leave a round unfinished, its
@@ -138,8 +172,9 @@ class PeerLoop(RoundEngine):
                 self.save()  # the state of the last round boundary: --resume continues from it
             raise
         except KeyboardInterrupt:
-            logger.warning("interrupted twice inside round %d: not saved (--resume continues from the last "
-                           "checkpoint)", self.round)
+            logger.warning(
+                "interrupted twice inside round %d: not saved (--resume continues from the last checkpoint)", self.round
+            )
             raise
         if stop.requested:
             if ck.dir and self.round > 0:
@@ -149,5 +184,3 @@ class PeerLoop(RoundEngine):
                 logger.warning("%s at round %d: stopping", stop.name, self.round)
             stop.raise_()
         return last
-
-

@@ -52,13 +52,25 @@ def _fmt_bytes(n: float) -> str:
 
 
 def format_round_line(r: RoundResult, tokens_per_s: float) -> str:
-    parts = [f"round {r.round}", f"step {r.step}", f"{r.outcome}", f"group {r.group_size}",
-             f"{r.tokens:,} tok", f"loss {r.loss:.4f}" if r.loss is not None else "loss -"]
+    parts = [
+        f"round {r.round}",
+        f"step {r.step}",
+        f"{r.outcome}",
+        f"group {r.group_size}",
+        f"{r.tokens:,} tok",
+        f"loss {r.loss:.4f}" if r.loss is not None else "loss -",
+    ]
     if r.val_ppl is not None:
         parts.append(f"val ppl {r.val_ppl:.2f}")
     if r.carried_tokens:
         parts.append(f"carried {r.carried_tokens:,} tok (staleness {r.staleness})")
-    parts += [f"train {r.train_s:.1f}s", f"wait {r.matchmaking_s:.1f}s", f"all-reduce {r.allreduce_s:.2f}s",
-              f"sent {_fmt_bytes(r.bytes_sent)}", f"received {_fmt_bytes(r.bytes_received)}",
-              f"outer step {r.outer_norm:.3g}", f"{tokens_per_s:,.0f} tok/s"]
+    parts += [
+        f"train {r.train_s:.1f}s",
+        f"wait {r.matchmaking_s:.1f}s",
+        f"all-reduce {r.allreduce_s:.2f}s",
+        f"sent {_fmt_bytes(r.bytes_sent)}",
+        f"received {_fmt_bytes(r.bytes_received)}",
+        f"outer step {r.outer_norm:.3g}",
+        f"{tokens_per_s:,.0f} tok/s",
+    ]
     return " | ".join(parts)

@@ -73,9 +73,22 @@ class Carry:
 class RoundEngine:
     """Runs this peer's rounds until --max-steps. The caller owns the processes (DHT, averager, heartbeat)."""
 
-    def __init__(self, *, cfg: RunConfig, run: RunManifest, session: LocalSession, theta: list[torch.Tensor],
-                 outer: OuterOptimizer, delta: list[torch.Tensor], averager: PhotonAverager, view: SwarmView,
-                 heartbeat: HeartbeatPublisher, rejects: RejectCounter, show_progress: bool, round_: int = 0):
+    def __init__(
+        self,
+        *,
+        cfg: RunConfig,
+        run: RunManifest,
+        session: LocalSession,
+        theta: list[torch.Tensor],
+        outer: OuterOptimizer,
+        delta: list[torch.Tensor],
+        averager: PhotonAverager,
+        view: SwarmView,
+        heartbeat: HeartbeatPublisher,
+        rejects: RejectCounter,
+        show_progress: bool,
+        round_: int = 0,
+    ):
         self.cfg, self.run, self.session = cfg, run, session
         self.theta, self.outer, self.delta = theta, outer, delta
         self.averager, self.view, self.heartbeat, self.rejects = averager, view, heartbeat, rejects
@@ -99,9 +112,14 @@ class RoundEngine:
     # state shared with donors (runs in the averager's state-sharing thread, under the averager's lock)
 
     def state_meta(self) -> dict[str, Any]:
-        return StateMeta(run_id=self.run.manifest.run_id, manifest_hash=self.run.hash, round=self.round,
-                         step=self.global_step, theta_hash=self.theta_hash,
-                         num_tensors=len(self.theta) + len(self.outer.state_tensors())).model_dump()
+        return StateMeta(
+            run_id=self.run.manifest.run_id,
+            manifest_hash=self.run.hash,
+            round=self.round,
+            step=self.global_step,
+            theta_hash=self.theta_hash,
+            num_tensors=len(self.theta) + len(self.outer.state_tensors()),
+        ).model_dump()
 
     def set_global(self, *, round_: int, step: int) -> None:
         self.round = round_
@@ -112,8 +130,9 @@ class RoundEngine:
             self.averager.state_sharing_priority = float(round_)  # freshest donors are asked first
         # stage "ready": between rounds. A heartbeat still saying "averaging" at the new round would tell the others
         # that the new round is already closing
-        self.heartbeat.update(round=round_, step=step, theta_hash=self.theta_hash, round_tokens=0, stage="ready",
-                              publish_now=True)
+        self.heartbeat.update(
+            round=round_, step=step, theta_hash=self.theta_hash, round_tokens=0, stage="ready", publish_now=True
+        )
 
     # ------------------------------------------------------------------------------------------------------
     # catching up
@@ -123,16 +142,30 @@ class RoundEngine:
         serve it (then every peer claiming that round is one step closer to being ignored)."""
         self.heartbeat.update(stage="syncing", publish_now=True)
         t0 = time.perf_counter()
-        got = download_state(self.averager, self.theta + self.outer.state_tensors(), num_theta=len(self.theta),
-                             run_id=self.run.manifest.run_id, manifest_hash=self.run.hash, min_round=min_round,
-                             rejects=self.rejects, show_progress=self.show_progress)
+        got = download_state(
+            self.averager,
+            self.theta + self.outer.state_tensors(),
+            num_theta=len(self.theta),
+            run_id=self.run.manifest.run_id,
+            manifest_hash=self.run.hash,
+            min_round=min_round,
+            rejects=self.rejects,
+            show_progress=self.show_progress,
+        )
         if got is None:
             self.view.claim_failed(min_round)
             return None
         with self.averager.get_tensors():
             self.set_global(round_=got.meta.round, step=got.meta.step)
-        logger.info("%s: downloaded theta for round %d (step %d): %.0f MB in %.1fs (%.1f MB/s)", reason,
-                    got.meta.round, got.meta.step, got.nbytes / 1e6, got.seconds, got.nbytes / 1e6 / got.seconds)
+        logger.info(
+            "%s: downloaded theta for round %d (step %d): %.0f MB in %.1fs (%.1f MB/s)",
+            reason,
+            got.meta.round,
+            got.meta.step,
+            got.nbytes / 1e6,
+            got.seconds,
+            got.nbytes / 1e6 / got.seconds,
+        )
         return time.perf_counter() - t0
 
     def catch_up(self, reason: str) -> float:
@@ -143,8 +176,9 @@ class RoundEngine:
             newest = self.view.newest_servable_round()
             if newest <= self.round:
                 break
-            took = self.sync(reason=f"{reason}: the swarm is at round {newest}, we are at {self.round}",
-                             min_round=newest)
+            took = self.sync(
+                reason=f"{reason}: the swarm is at round {newest}, we are at {self.round}", min_round=newest
+            )
             if took is None:
                 continue  # nobody could serve it: the claim counts as failed; ask again (bounded by SYNC_AGAIN)
             spent += took
@@ -170,8 +204,13 @@ class RoundEngine:
         with torch.no_grad():
             for p, d in zip(s.model.parameters(), self.carry.delta, strict=True):
                 p.sub_((self.carry.factor * d).to(p.device, p.dtype))
-        logger.info("round %d: carrying over round %d's late work (%d tokens, weight x%.2f)", self.round,
-                    self.carry.from_round, self.carry.tokens, self.carry.factor)
+        logger.info(
+            "round %d: carrying over round %d's late work (%d tokens, weight x%.2f)",
+            self.round,
+            self.carry.from_round,
+            self.carry.tokens,
+            self.carry.factor,
+        )
         return self.carry.tokens
 
     def _budget_met(self, own_tokens: int, budget_steps: int) -> bool:
@@ -187,8 +226,9 @@ class RoundEngine:
         n = self._expected_mates()
         met = own_tokens + others >= budget_steps * self.tokens_per_step * (1 + n)
         if met:
-            logger.debug("round %d closes: budget met (own %d + others %d tokens, %d others)", self.round,
-                         own_tokens, others, n)
+            logger.debug(
+                "round %d closes: budget met (own %d + others %d tokens, %d others)", self.round, own_tokens, others, n
+            )
         return met
 
     def train_local(self) -> tuple[int, int, float | None, float]:
@@ -200,14 +240,21 @@ class RoundEngine:
         losses = []
         t0 = time.perf_counter()
         self.heartbeat.update(stage="training", round=self.round, round_tokens=0, publish_now=True)
-        bar = tqdm(total=None if deadline else budget, desc=f"round {self.round}", unit="step", leave=False,
-                   disable=not self.show_progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=None if deadline else budget,
+            desc=f"round {self.round}",
+            unit="step",
+            leave=False,
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+        )
         start_step = s.progress.step
         try:
             while not self.stop_requested():
                 if deadline is not None:
-                    if steps >= self.cfg.train.max_steps - self.global_step or (steps > 0 and (
-                            time.monotonic() >= deadline or self.view.at_round(self.round, ("averaging",)))):
+                    if steps >= self.cfg.train.max_steps - self.global_step or (
+                        steps > 0 and (time.monotonic() >= deadline or self.view.at_round(self.round, ("averaging",)))
+                    ):
                         break  # on time, or the round is closing (a joiner must not train on while others wait)
                 elif steps > 0 and self._budget_met(tokens, budget):
                     break
@@ -218,15 +265,22 @@ class RoundEngine:
                 if s.progress.step % self.cfg.train.log_every == 0:
                     # step = the round's first global step + this peer's inner steps so far (peers that train more
                     # steps than the group agrees on revisit a few step numbers in the next round)
-                    self.metrics.write(self.step_stats.record(step=s.progress.step, result=result,
-                                                              tokens=s.progress.tokens, round=self.round))
+                    self.metrics.write(
+                        self.step_stats.record(
+                            step=s.progress.step, result=result, tokens=s.progress.tokens, round=self.round
+                        )
+                    )
                 losses.append(result.loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", refresh=False)
                 speed = tokens / max(time.perf_counter() - t0, 1e-9)
-                self.heartbeat.update(step=s.progress.step, tokens=s.progress.tokens, round_tokens=tokens,
-                                      tokens_per_s=speed,
-                                      loss=result.loss if math.isfinite(result.loss) else None)
+                self.heartbeat.update(
+                    step=s.progress.step,
+                    tokens=s.progress.tokens,
+                    round_tokens=tokens,
+                    tokens_per_s=speed,
+                    loss=result.loss if math.isfinite(result.loss) else None,
+                )
         finally:
             bar.close()
         seconds = time.perf_counter() - t0
@@ -241,8 +295,9 @@ class RoundEngine:
     def _expected_mates(self) -> int:
         """Peers we keep waiting for: those about to train ("ready"), training or averaging our round, and those
         still finishing the previous one's all-reduce (heartbeats lag a round boundary by a second or two)."""
-        return len(self.view.at_round(self.round, ACTIVE_STAGES)) + \
-            len(self.view.at_round(self.round - 1, ("averaging",)))
+        return len(self.view.at_round(self.round, ACTIVE_STAGES)) + len(
+            self.view.at_round(self.round - 1, ("averaging",))
+        )
 
     def _group_target(self) -> int:
         """How big a group to ask hivemind for. Also counts peers whose heartbeat still shows the previous round in
@@ -250,8 +305,7 @@ class RoundEngine:
         its last member arrives, whereas a target too small starts without it (the target only costs up to
         --matchmaking-time when such a peer really is a round behind)."""
         stages = ("training", "averaging")
-        return 1 + len(self.view.at_round(self.round, ACTIVE_STAGES)) + \
-            len(self.view.at_round(self.round - 1, stages))
+        return 1 + len(self.view.at_round(self.round, ACTIVE_STAGES)) + len(self.view.at_round(self.round - 1, stages))
 
     def _attempt(self, gather: dict[str, Any], weight: float) -> dict[str, Any] | str:
         """One matchmaking + all-reduce attempt. Returns the outcome, or why it did not happen: 'nogroup', 'late',
@@ -271,8 +325,13 @@ class RoundEngine:
             self.averager.set_round(self.round, target if target and target >= 2 else rc.target_group_size)
             with self.averager.get_tensors():  # a failed attempt may have overwritten part of the buffers
                 compute_delta(self.theta, self.session.model, self.delta)  # includes a carried-over delta
-            control = self.averager.step(gather=gather, weight=weight, wait=False, allow_retries=False,
-                                         timeout=rc.matchmaking_time + MATCHMAKING_SLACK_S)
+            control = self.averager.step(
+                gather=gather,
+                weight=weight,
+                wait=False,
+                allow_retries=False,
+                timeout=rc.matchmaking_time + MATCHMAKING_SLACK_S,
+            )
         except Exception as e:
             logger.debug("round %d: could not start averaging (%r)", self.round, e)
             return "nogroup"
@@ -281,8 +340,11 @@ class RoundEngine:
                 if self.stop_requested():
                     control.cancel()
                     return "stop"
-                if not control.began_allreduce and self.view.newest_servable_round() > self.round \
-                        and not self._expected_mates():
+                if (
+                    not control.began_allreduce
+                    and self.view.newest_servable_round() > self.round
+                    and not self._expected_mates()
+                ):
                     control.cancel()  # our round closed without us
                     return "late"
                 try:
@@ -294,16 +356,24 @@ class RoundEngine:
             if "could not find a group" in str(e):
                 logger.debug("round %d: no group yet", self.round)
             else:
-                logger.warning("round %d: averaging attempt failed (%s); retrying while peers of this round are "
-                               "live", self.round, str(e)[:200] or type(e).__name__)
+                logger.warning(
+                    "round %d: averaging attempt failed (%s); retrying while peers of this round are live",
+                    self.round,
+                    str(e)[:200] or type(e).__name__,
+                )
             return "nogroup"
 
     def average(self, steps: int, tokens: int, weight: float, loss: float | None) -> dict[str, Any] | str:
         """Look for this round's group while it can still form. Returns the all-reduce outcome, or 'alone',
         'late' (the round closed without us) or 'stop'."""
         rc = self.cfg.round
-        gather = RoundGather(round=self.round, theta_hash=self.theta_hash, tokens=tokens, steps=steps,
-                             loss=loss if loss is not None and math.isfinite(loss) else None).model_dump()
+        gather = RoundGather(
+            round=self.round,
+            theta_hash=self.theta_hash,
+            tokens=tokens,
+            steps=steps,
+            loss=loss if loss is not None and math.isfinite(loss) else None,
+        ).model_dump()
         start = time.monotonic()
         patience = rc.matchmaking_time * PATIENCE_ROUNDS
         warned = False
@@ -322,20 +392,32 @@ class RoundEngine:
                     time.sleep(0.2)  # others are live but not seen at our round yet: heartbeats lag a little
                     continue
             elif waited >= patience and rc.min_group_size <= 1:
-                logger.warning("round %d: %d peer(s) report this round but no group formed in %.0fs; going on "
-                               "alone (they merge with us when we next meet)", self.round, mates, waited)
+                logger.warning(
+                    "round %d: %d peer(s) report this round but no group formed in %.0fs; going on "
+                    "alone (they merge with us when we next meet)",
+                    self.round,
+                    mates,
+                    waited,
+                )
                 return "alone"
             if self.averager.client_mode and not self.view.reachable_peers() and rc.min_group_size <= 1:
                 return "alone"  # nobody accepts connections: no group can form (said once at start)
             if rc.min_group_size > 1:
                 if waited >= rc.quorum_timeout:
-                    raise SwarmError(f"no group of at least {rc.min_group_size} peers formed in "
-                                     f"{rc.quorum_timeout:.0f}s (--min-group-size, --quorum-timeout); "
-                                     f"{len(self.view.peers())} other peer(s) are live in run "
-                                     f"'{self.run.manifest.run_id}'")
+                    raise SwarmError(
+                        f"no group of at least {rc.min_group_size} peers formed in "
+                        f"{rc.quorum_timeout:.0f}s (--min-group-size, --quorum-timeout); "
+                        f"{len(self.view.peers())} other peer(s) are live in run "
+                        f"'{self.run.manifest.run_id}'"
+                    )
                 if not warned and waited >= rc.matchmaking_time:
-                    logger.info("round %d: waiting for a group of at least %d peers (--min-group-size; gives up "
-                                "after --quorum-timeout %.0fs)", self.round, rc.min_group_size, rc.quorum_timeout)
+                    logger.info(
+                        "round %d: waiting for a group of at least %d peers (--min-group-size; gives up "
+                        "after --quorum-timeout %.0fs)",
+                        self.round,
+                        rc.min_group_size,
+                        rc.quorum_timeout,
+                    )
                     warned = True
             outcome = self._attempt(gather, weight)
             if not isinstance(outcome, str) or outcome in ("late", "stop"):
@@ -360,8 +442,9 @@ class RoundEngine:
         if stall:
             time.sleep(stall)
         advance = steps if rc.round_seconds else self._round_budget()  # global steps this round, if alone
-        base = RoundResult(round=r, step=self.global_step + advance, outcome="alone", own_tokens=tokens, loss=loss,
-                           train_s=train_s)
+        base = RoundResult(
+            round=r, step=self.global_step + advance, outcome="alone", own_tokens=tokens, loss=loss, train_s=train_s
+        )
         with self.averager.get_tensors():
             compute_delta(self.theta, s.model, self.delta)
         ok, norm, why = self.guard.check(self.delta)
@@ -399,8 +482,11 @@ class RoundEngine:
         if outcome["reconciled"]:
             logger.info("round %d: group members held different theta; merged them", r)
         if outcome.get("reconcile_failed"):
-            logger.warning("round %d: merging the group's different theta failed part-way; each member kept its "
-                           "own (they merge when they next meet)", r)
+            logger.warning(
+                "round %d: merging the group's different theta failed part-way; each member kept its "
+                "own (they merge when they next meet)",
+                r,
+            )
         if not math.isfinite(global_norm(self.delta)):
             # every member received the same values, so every member takes the same decision here
             logger.warning("round %d: the averaged update is not finite; skipping it", r)
@@ -426,8 +512,12 @@ class RoundEngine:
         r = self.round
         kept = [d.clone() for d in self.delta]
         newest = self.view.newest_servable_round()
-        logger.info("round %d: the swarm closed this round without us (it is at round %d); keeping our update for "
-                    "the next round and re-syncing", r, newest)
+        logger.info(
+            "round %d: the swarm closed this round without us (it is at round %d); keeping our update for "
+            "the next round and re-syncing",
+            r,
+            newest,
+        )
         t0 = time.perf_counter()
         took = self.sync(reason="late", min_round=newest)
         result.sync_s = time.perf_counter() - t0
@@ -455,8 +545,10 @@ class RoundEngine:
         deadline = time.monotonic() + self.cfg.round.matchmaking_time + self.cfg.round.allreduce_timeout
         while self._expected_mates() and time.monotonic() < deadline and not self.stop_requested():
             time.sleep(0.5)
-        if self.view.newest_servable_round() > r and self.sync(reason="re-sync after a skipped update",
-                                                               min_round=r + 1) is not None:
+        if (
+            self.view.newest_servable_round() > r
+            and self.sync(reason="re-sync after a skipped update", min_round=r + 1) is not None
+        ):
             result.step = self.global_step
             result.theta_hash, result.params = self.theta_hash, sum(t.numel() for t in self.theta)
             return result

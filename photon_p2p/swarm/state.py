@@ -67,16 +67,26 @@ class DeltaGuard:
         if len(self.history) >= 3:
             typical = statistics.median(self.history)
             if typical > 0 and norm > self.max_ratio * typical:
-                return False, norm, f"pseudo-gradient norm {norm:.3g} is over {self.max_ratio:.0f}x the recent " \
-                                    f"median {typical:.3g}"
+                return (
+                    False,
+                    norm,
+                    f"pseudo-gradient norm {norm:.3g} is over {self.max_ratio:.0f}x the recent median {typical:.3g}",
+                )
         return True, norm, ""
 
     def accept(self, norm: float) -> None:
         self.history.append(norm)
 
 
-def validate_downloaded_state(metadata: Any, tensors: list[torch.Tensor], expected: list[torch.Tensor], *,
-                              num_theta: int, run_id: str, manifest_hash: str) -> StateMeta:
+def validate_downloaded_state(
+    metadata: Any,
+    tensors: list[torch.Tensor],
+    expected: list[torch.Tensor],
+    *,
+    num_theta: int,
+    run_id: str,
+    manifest_hash: str,
+) -> StateMeta:
     """A state download from another peer is untrusted: schema, run, shapes, finiteness and the theta hash."""
     try:
         meta = StateMeta.model_validate(metadata)

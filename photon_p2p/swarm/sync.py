@@ -34,9 +34,18 @@ def state_nbytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def download_state(averager, expected: list[torch.Tensor], *, num_theta: int, run_id: str, manifest_hash: str,
-                   min_round: int, rejects: RejectCounter, show_progress: bool,
-                   attempts: int = DOWNLOAD_ATTEMPTS) -> Downloaded | None:
+def download_state(
+    averager,
+    expected: list[torch.Tensor],
+    *,
+    num_theta: int,
+    run_id: str,
+    manifest_hash: str,
+    min_round: int,
+    rejects: RejectCounter,
+    show_progress: bool,
+    attempts: int = DOWNLOAD_ATTEMPTS,
+) -> Downloaded | None:
     """Download the newest state at ``min_round`` or later into ``expected`` (in place, all or nothing).
 
     The transfer (swarm/transfer.py) resumes where a donor stopped and has no overall deadline while bytes flow.
@@ -46,9 +55,13 @@ def download_state(averager, expected: list[torch.Tensor], *, num_theta: int, ru
     t0 = time.perf_counter()
     for attempt in range(1, attempts + 1):
         try:
-            result = averager.download_state(expected_bytes=nbytes, min_priority=float(min_round),
-                                             stall_timeout=STALL_TIMEOUT_S, max_attempts=TRANSFER_ATTEMPTS,
-                                             show_progress=show_progress)
+            result = averager.download_state(
+                expected_bytes=nbytes,
+                min_priority=float(min_round),
+                stall_timeout=STALL_TIMEOUT_S,
+                max_attempts=TRANSFER_ATTEMPTS,
+                show_progress=show_progress,
+            )
         except Exception as e:  # the averager process gone, a pipe error: this peer cannot download now
             logger.debug("state download failed: %r", e)
             result, why = None, f"the download failed ({type(e).__name__})"
@@ -58,8 +71,9 @@ def download_state(averager, expected: list[torch.Tensor], *, num_theta: int, ru
         else:
             metadata, tensors = result
             try:
-                meta = validate_downloaded_state(metadata, tensors, expected, num_theta=num_theta, run_id=run_id,
-                                                 manifest_hash=manifest_hash)
+                meta = validate_downloaded_state(
+                    metadata, tensors, expected, num_theta=num_theta, run_id=run_id, manifest_hash=manifest_hash
+                )
                 if meta.round < min_round:
                     raise RecordRejected(f"donor is at round {meta.round}, older than {min_round}")
             except RecordRejected as e:

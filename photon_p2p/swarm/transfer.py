@@ -58,10 +58,22 @@ MAX_DESCRIBE = 16 << 20  # header + 32 bytes per 4 MiB block: room for ~1.5 TB o
 MAX_TENSORS, MAX_DIMS = 1 << 16, 8
 CACHE_SNAPSHOTS, CACHE_TTL = 2, 180.0
 MAX_DONORS = 16  # anyone can write the DHT entry: never consider more than this many
-DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
-                                                     torch.int64, torch.int32, torch.uint8, torch.bool)}
-_LIMITS = dict(raw=False, strict_map_key=True, max_str_len=1 << 12, max_array_len=MAX_TENSORS, max_map_len=64,
-               max_ext_len=0)
+DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.uint8,
+        torch.bool,
+    )
+}
+_LIMITS = dict(
+    raw=False, strict_map_key=True, max_str_len=1 << 12, max_array_len=MAX_TENSORS, max_map_len=64, max_ext_len=0
+)
 DONE, TOTAL, RATE = range(3)  # slots of the shared progress array
 
 
@@ -113,8 +125,10 @@ def _unpack(raw: bytes, schema: dict[str, type], limit: int) -> dict[str, Any]:
         raise _Refused("sent a message that is not msgpack") from None
     if isinstance(obj, dict) and set(obj) == {"error"} and isinstance(obj["error"], str):
         raise ConnectionError(_printable(obj["error"]))
-    _check(isinstance(obj, dict) and set(obj) == set(schema) and all(type(obj[k]) is t for k, t in schema.items()),
-           "sent a message that does not match the schema")
+    _check(
+        isinstance(obj, dict) and set(obj) == set(schema) and all(type(obj[k]) is t for k, t in schema.items()),
+        "sent a message that does not match the schema",
+    )
     return obj
 
 
@@ -149,10 +163,11 @@ class _Snapshot:
         self.data = np.zeros(self.size, dtype=np.uint8)  # zeros: the padding must be deterministic for the hash
         for t, (offset, nbytes) in zip(tensors, slots, strict=True):
             if nbytes:
-                self.data[offset:offset + nbytes] = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
+                self.data[offset : offset + nbytes] = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
         view = memoryview(self.data)
-        self.digests = b"".join(hashlib.blake2b(view[i:i + BLOCK], digest_size=32).digest()
-                                for i in range(0, self.size, BLOCK))
+        self.digests = b"".join(
+            hashlib.blake2b(view[i : i + BLOCK], digest_size=32).digest() for i in range(0, self.size, BLOCK)
+        )
         self.id = _snapshot_id(self.header, self.size, self.digests)
         self.used = time.monotonic()
 
@@ -171,14 +186,14 @@ class _Incoming:
         data, pos = memoryview(data), 0
         while pos < len(data):
             block_end = min((self.offset // BLOCK + 1) * BLOCK, self.size)
-            piece = data[pos:pos + block_end - self.offset]
-            self.view[self.offset:self.offset + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+            piece = data[pos : pos + block_end - self.offset]
+            self.view[self.offset : self.offset + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
             self._hasher.update(piece)
             self._senders.add(donor)
             self.offset, pos = self.offset + len(piece), pos + len(piece)
             if self.offset == block_end:
                 index = (block_end - 1) // BLOCK
-                ok = self._hasher.digest() == self.digests[32 * index:32 * index + 32]
+                ok = self._hasher.digest() == self.digests[32 * index : 32 * index + 32]
                 senders, self._hasher, self._senders = self._senders, hashlib.blake2b(digest_size=32), set()
                 if not ok:  # fetch the block again, from someone else
                     self.offset = index * BLOCK
@@ -186,16 +201,20 @@ class _Incoming:
 
     def result(self) -> tuple[Any, list[torch.Tensor]]:
         slots, _, _ = _layout(self.tensors)
-        return self.meta, [self.buffer[o:o + n].view(DTYPES[name]).view(shape)
-                           for (name, shape), (o, n) in zip(self.tensors, slots, strict=True)]
+        return self.meta, [
+            self.buffer[o : o + n].view(DTYPES[name]).view(shape)
+            for (name, shape), (o, n) in zip(self.tensors, slots, strict=True)
+        ]
 
 
 def _parse_description(d: dict[str, Any], expected_bytes: int) -> tuple[list, Any]:
     """Everything a donor says about its snapshot, checked before a single data byte is accepted."""
     size, header, mb = d["size"], d["header"], expected_bytes / 1e6
     _check(0 <= size <= expected_bytes + SIZE_SLACK, f"announced {size / 1e6:.1f} MB, more than the expected {mb:.1f}")
-    _check(len(d["id"]) == 32 and len(d["digests"]) == 32 * -(-size // BLOCK) and len(header) <= MAX_HEADER,
-           "sent a malformed snapshot description")
+    _check(
+        len(d["id"]) == 32 and len(d["digests"]) == 32 * -(-size // BLOCK) and len(header) <= MAX_HEADER,
+        "sent a malformed snapshot description",
+    )
     _check(_snapshot_id(header, size, d["digests"]) == d["id"], "sent an id that does not match its hashes")
     why = "sent a snapshot header that does not match the schema"
     try:
@@ -203,11 +222,20 @@ def _parse_description(d: dict[str, Any], expected_bytes: int) -> tuple[list, An
         meta = msgpack.unpackb(h["meta"], max_bin_len=MAX_HEADER, **_LIMITS)
     except Exception:
         raise _Refused(why) from None
-    _check(isinstance(h, dict) and set(h) == {"v", "meta", "tensors"} and h["v"] == 1
-           and isinstance(h["tensors"], list), why)
+    _check(
+        isinstance(h, dict) and set(h) == {"v", "meta", "tensors"} and h["v"] == 1 and isinstance(h["tensors"], list),
+        why,
+    )
     for item in h["tensors"]:
-        _check(isinstance(item, list) and len(item) == 2 and item[0] in DTYPES and isinstance(item[1], list)
-               and len(item[1]) <= MAX_DIMS and all(type(x) is int and 0 <= x < 1 << 40 for x in item[1]), why)
+        _check(
+            isinstance(item, list)
+            and len(item) == 2
+            and item[0] in DTYPES
+            and isinstance(item[1], list)
+            and len(item[1]) <= MAX_DIMS
+            and all(type(x) is int and 0 <= x < 1 << 40 for x in item[1]),
+            why,
+        )
     _, total, raw = _layout(h["tensors"])
     _check(raw <= expected_bytes, f"holds {raw / 1e6:.1f} MB of tensors, more than the expected {mb:.1f}")
     _check(total == size, "announced a size that does not match its header")
@@ -281,8 +309,9 @@ class StateTransferMixin:
         snap = self._transfer_cache.setdefault(snap.id, snap)  # unchanged state: keep serving the cached object
         snap.used = time.monotonic()
         while len(self._transfer_cache) > CACHE_SNAPSHOTS:  # evict the least recently used (never the new one)
-            del self._transfer_cache[min((k for k in self._transfer_cache if k != snap.id),
-                                         key=lambda k: self._transfer_cache[k].used)]
+            del self._transfer_cache[
+                min((k for k in self._transfer_cache if k != snap.id), key=lambda k: self._transfer_cache[k].used)
+            ]
         if self._transfer_reaper is None or self._transfer_reaper.done():
             self._transfer_reaper = asyncio.create_task(self._transfer_reap())
         return snap
@@ -296,8 +325,9 @@ class StateTransferMixin:
 
     # typing.AsyncIterator, not collections.abc's: hivemind tells a streaming rpc_* by the hint's `_name`, and with
     # the other one it silently registers a unary handler that can never answer
-    async def rpc_photon_state_describe(self, request: averaging_pb2.DownloadData,
-                                        context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+    async def rpc_photon_state_describe(
+        self, request: averaging_pb2.DownloadData, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
         try:
             want = _unpack(request.metadata, {"want": bytes}, 256)["want"]
             if not self.allow_state_sharing:
@@ -317,8 +347,9 @@ class StateTransferMixin:
             reply = {"error": f"could not take a snapshot: {e!r}"[:200]}
         yield averaging_pb2.DownloadData(metadata=_pack(reply))
 
-    async def rpc_photon_state_read(self, request: averaging_pb2.DownloadData,
-                                    context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+    async def rpc_photon_state_read(
+        self, request: averaging_pb2.DownloadData, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
         try:
             fields = _unpack(request.metadata, {"id": bytes, "offset": int}, 256)
             snap = self._transfer_cache.get(fields["id"])
@@ -329,11 +360,12 @@ class StateTransferMixin:
             return
         for pos in range(fields["offset"], snap.size, CHUNK):
             snap.used = time.monotonic()
-            data = await self._transfer_send_hook(pos, snap.data[pos:pos + CHUNK].tobytes())
+            data = await self._transfer_send_hook(pos, snap.data[pos : pos + CHUNK].tobytes())
             if data is None:
                 return
-            yield averaging_pb2.DownloadData(metadata=_pack({"offset": pos}),
-                                             tensor_part=runtime_pb2.Tensor(buffer=data))
+            yield averaging_pb2.DownloadData(
+                metadata=_pack({"offset": pos}), tensor_part=runtime_pb2.Tensor(buffer=data)
+            )
 
     # ---- client side (averager process)
     async def _transfer_donors(self, min_priority: float | None) -> dict[PeerID, float]:
@@ -341,10 +373,15 @@ class StateTransferMixin:
         key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
         found = await self.dht.get(key, latest=True, return_future=True)
         donors = {}
-        for subkey, entry in (found.value.items() if found is not None and isinstance(found.value, dict) else ()):
+        for subkey, entry in found.value.items() if found is not None and isinstance(found.value, dict) else ():
             value = entry.value if isinstance(entry, ValueWithExpiration) else None  # untrusted: anyone can write
-            if isinstance(subkey, bytes) and len(subkey) <= 128 and type(value) in (int, float) and \
-                    math.isfinite(value) and (min_priority is None or value >= min_priority):
+            if (
+                isinstance(subkey, bytes)
+                and len(subkey) <= 128
+                and type(value) in (int, float)
+                and math.isfinite(value)
+                and (min_priority is None or value >= min_priority)
+            ):
                 donors[PeerID(subkey)] = float(value)
         donors.pop(self.peer_id, None)
         return dict(sorted(donors.items(), key=lambda kv: (-kv[1], random.random()))[:MAX_DONORS])
@@ -385,8 +422,10 @@ class StateTransferMixin:
                 if msg is None:
                     raise ConnectionError("closed the stream")
                 offset, data = _unpack(msg.metadata, {"offset": int}, 64)["offset"], msg.tensor_part.buffer
-                _check(offset == snap.offset and 0 < len(data) <= min(CHUNK, snap.size - offset),
-                       f"sent {len(data)} bytes at offset {offset}, expected offset {snap.offset}")
+                _check(
+                    offset == snap.offset and 0 < len(data) <= min(CHUNK, snap.size - offset),
+                    f"sent {len(data)} bytes at offset {offset}, expected offset {snap.offset}",
+                )
                 snap.feed(donor, data)
                 progress[DONE] = snap.offset
                 if (now := time.monotonic()) - mark >= 0.5:  # EMA of bytes/s, for the ETA
@@ -415,8 +454,9 @@ class StateTransferMixin:
         else:
             future.set_result(result)
 
-    async def _transfer_run(self, future: MPFuture, expected_bytes: int, min_priority: float | None,
-                            stall_timeout: float, max_attempts: int) -> StateDownload:
+    async def _transfer_run(
+        self, future: MPFuture, expected_bytes: int, min_priority: float | None, stall_timeout: float, max_attempts: int
+    ) -> StateDownload:
         t0, snap, progress = time.monotonic(), None, self._transfer_progress
         refused: set[PeerID] = set()
         fails: dict[PeerID, int] = {}
@@ -425,7 +465,7 @@ class StateTransferMixin:
         while idle < max_attempts and not future.cancelled():
             attempts += 1
             if idle:
-                await asyncio.sleep(min(0.5 * 2 ** idle, 8.0))
+                await asyncio.sleep(min(0.5 * 2**idle, 8.0))
             try:
                 donors = await asyncio.wait_for(self._transfer_donors(min_priority), stall_timeout)
             except Exception as e:  # our own DHT process is gone or overloaded
@@ -442,8 +482,9 @@ class StateTransferMixin:
             donor = min(donors, key=lambda d: (fails.get(d, 0), snap is None or d not in snap.holders, -donors[d]))
             start, name, where = snap.offset if snap else 0, "…" + donor.to_base58()[-8:], ""
             try:
-                d, tensors, meta = await self._transfer_describe(donor, snap.id if snap else b"", expected_bytes,
-                                                                 stall_timeout)
+                d, tensors, meta = await self._transfer_describe(
+                    donor, snap.id if snap else b"", expected_bytes, stall_timeout
+                )
                 if snap is None or d["id"] != snap.id:
                     if snap is not None:  # a partial download is only dropped for a fresher donor or a dead one
                         snap.holders.discard(donor)
@@ -459,20 +500,27 @@ class StateTransferMixin:
                 if snap.offset < snap.size:
                     break  # cancelled by the host
                 meta, tensors = snap.result()
-                return StateDownload(meta, tensors, donor.to_base58(), time.monotonic() - t0, snap.size,
-                                     tuple(problems))
+                return StateDownload(
+                    meta, tensors, donor.to_base58(), time.monotonic() - t0, snap.size, tuple(problems)
+                )
             except _Refused as e:
                 refused.update(e.args[1] if len(e.args) > 1 else {donor})
                 problems.append(f"refused donor {name}: it {e.args[0]}")
                 logger.warning("state download: %s", problems[-1])
             except _Stalled:
-                problems.append(f"transfer stalled for {stall_timeout:g} s at {snap.offset / 1e6:.1f} of "
-                                f"{snap.size / 1e6:.1f} MB (donor {name})" if where else
-                                f"donor {name} did not answer (no reply in time)")
+                problems.append(
+                    f"transfer stalled for {stall_timeout:g} s at {snap.offset / 1e6:.1f} of "
+                    f"{snap.size / 1e6:.1f} MB (donor {name})"
+                    if where
+                    else f"donor {name} did not answer (no reply in time)"
+                )
             except Exception as e:  # dial errors, closed streams, donor-side errors: try again
                 why = _printable(str(e)) or type(e).__name__  # one line, even for p2pd's multi-line dial errors
-                problems.append(f"donor {name} {why} at {snap.offset / 1e6:.1f} of {snap.size / 1e6:.1f} MB"
-                                if where else f"donor {name} did not answer ({why})")
+                problems.append(
+                    f"donor {name} {why} at {snap.offset / 1e6:.1f} of {snap.size / 1e6:.1f} MB"
+                    if where
+                    else f"donor {name} did not answer ({why})"
+                )
             logger.debug("state download attempt %d: %s", attempts, problems[-1])
             fails[donor] = fails.get(donor, 0) + 1
             idle = 0 if snap is not None and snap.offset > start else idle + 1
@@ -480,8 +528,15 @@ class StateTransferMixin:
         raise TransferFailed(f"{last} ({attempts} attempts, the last {idle} without progress)", tuple(problems))
 
     # ---- host side
-    def download_state(self, *, expected_bytes: int, min_priority: float | None = None, stall_timeout: float = 30.0,
-                       max_attempts: int = 8, show_progress: bool = True) -> tuple[Any, list[torch.Tensor]] | None:
+    def download_state(
+        self,
+        *,
+        expected_bytes: int,
+        min_priority: float | None = None,
+        stall_timeout: float = 30.0,
+        max_attempts: int = 8,
+        show_progress: bool = True,
+    ) -> tuple[Any, list[torch.Tensor]] | None:
         """(metadata, tensors) from the freshest donor whose priority (its round) is >= ``min_priority``, or None.
 
         No wall-clock limit while bytes flow: a donor that sends nothing for ``stall_timeout`` s is left and the
@@ -491,9 +546,19 @@ class StateTransferMixin:
         progress, bar, next_log = self._transfer_progress, None, time.monotonic() + 10.0
         self.last_download_error, self.last_download_problems = None, ()
         future = MPFuture()
-        self._outer_pipe.send(("_transfer_download", [], dict(
-            future=future, expected_bytes=int(expected_bytes), min_priority=min_priority,
-            stall_timeout=float(stall_timeout), max_attempts=int(max_attempts))))
+        self._outer_pipe.send(
+            (
+                "_transfer_download",
+                [],
+                dict(
+                    future=future,
+                    expected_bytes=int(expected_bytes),
+                    min_priority=min_priority,
+                    stall_timeout=float(stall_timeout),
+                    max_attempts=int(max_attempts),
+                ),
+            )
+        )
         try:
             while True:
                 try:
@@ -514,8 +579,9 @@ class StateTransferMixin:
                     bar.update(int(done) - bar.n)
                 elif show_progress and total and time.monotonic() >= next_log:
                     eta = f", ETA {(total - done) / rate:.0f} s" if rate > 0 else ""
-                    logger.info("state download: %.1f of %.1f MB, %.1f MB/s%s", done / 1e6, total / 1e6, rate / 1e6,
-                                eta)
+                    logger.info(
+                        "state download: %.1f of %.1f MB, %.1f MB/s%s", done / 1e6, total / 1e6, rate / 1e6, eta
+                    )
                     next_log = time.monotonic() + 10.0
         except TransferFailed as e:
             self.last_download_error, self.last_download_problems = e.reason, e.problems
@@ -527,7 +593,12 @@ class StateTransferMixin:
             if bar is not None:
                 bar.close()
         self.last_download_problems = result.problems
-        logger.info("downloaded %.1f MB of state in %.1f s (%.1f MB/s) from %s%s", result.nbytes / 1e6, result.seconds,
-                    result.nbytes / 1e6 / max(result.seconds, 1e-9), result.donor,
-                    f" after {len(result.problems)} failed attempts" if result.problems else "")
+        logger.info(
+            "downloaded %.1f MB of state in %.1f s (%.1f MB/s) from %s%s",
+            result.nbytes / 1e6,
+            result.seconds,
+            result.nbytes / 1e6 / max(result.seconds, 1e-9),
+            result.donor,
+            f" after {len(result.problems)} failed attempts" if result.problems else "",
+        )
         return result.metadata, result.tensors

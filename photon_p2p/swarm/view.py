@@ -126,13 +126,22 @@ class SwarmView:
         every HEARTBEAT_PERIOD; a record that has not changed for STALE_AFTER_S is a peer that died or froze (its
         record would linger in the DHT until it expires; we stop waiting for it sooner, by our own clock)."""
         now = time.monotonic()
-        return {pid: v for pid, v in self.peers().items()
-                if v.hb.round == round_ and v.hb.stage in stages and now - v.seen < STALE_AFTER_S}
+        return {
+            pid: v
+            for pid, v in self.peers().items()
+            if v.hb.round == round_ and v.hb.stage in stages and now - v.seen < STALE_AFTER_S
+        }
 
     def newest_servable_round(self) -> int:
         """The newest round that a peer able to send its state claims (believed claims only); -1 if none."""
-        return max((v.hb.round for v in self.peers().values()
-                    if not v.hb.client_mode and v.hb.stage in ACTIVE_STAGES and self.believed_round(v)), default=-1)
+        return max(
+            (
+                v.hb.round
+                for v in self.peers().values()
+                if not v.hb.client_mode and v.hb.stage in ACTIVE_STAGES and self.believed_round(v)
+            ),
+            default=-1,
+        )
 
     def tokens_in_round(self, round_: int) -> tuple[int, int]:
         """(tokens the others have trained in ``round_`` by now, how many of them train it)."""
@@ -156,6 +165,10 @@ class SwarmView:
             if self._failed_claims[key] >= DISTRUST_AFTER:
                 self._distrust[pid] = round_
                 newly.append(pid)
-                logger.warning("ignoring %s's claim to be at round %d: no peer could send that state after %d tries",
-                               pid[:16], v.hb.round, DISTRUST_AFTER)
+                logger.warning(
+                    "ignoring %s's claim to be at round %d: no peer could send that state after %d tries",
+                    pid[:16],
+                    v.hb.round,
+                    DISTRUST_AFTER,
+                )
         return newly

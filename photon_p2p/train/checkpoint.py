@@ -132,9 +132,16 @@ def _remove_stale_tmp(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(root: str | Path, step: int, *, tensors: dict[str, dict[str, torch.Tensor]],
-                    state: dict[str, Any], meta: dict[str, Any], keep: int,
-                    text_files: dict[str, str] | None = None) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int,
+    text_files: dict[str, str] | None = None,
+) -> Path:
     """Write checkpoint ``step`` atomically, then delete all but the newest ``keep`` checkpoints.
 
     ``text_files`` are extra text files (name -> content, e.g. ``tokenizer.json``), hashed and verified like the rest.
@@ -185,8 +192,9 @@ def save_checkpoint(root: str | Path, step: int, *, tensors: dict[str, dict[str,
             shutil.rmtree(old, ignore_errors=True)
     except (OSError, SafetensorError, RuntimeError) as e:  # a full or read-only disk: torch.save raises RuntimeError
         detail = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
-        raise CheckpointError(f"cannot write checkpoint {final}: {detail}; free some space or choose another "
-                              f"--checkpoint-dir") from None
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {detail}; free some space or choose another --checkpoint-dir"
+        ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -219,8 +227,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: meta.json is corrupt ({e}); delete this checkpoint") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or not isinstance(meta.get("files"), dict):
         found = meta.get("format") if isinstance(meta, dict) else "?"
-        raise CheckpointError(f"checkpoint {path}: unknown format {found} (this photon-p2p reads format "
-                              f"{FORMAT_VERSION})")
+        raise CheckpointError(
+            f"checkpoint {path}: unknown format {found} (this photon-p2p reads format {FORMAT_VERSION})"
+        )
     return meta
 
 
@@ -233,8 +242,10 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         if not p.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}; delete this checkpoint")
         if p.stat().st_size != info.get("bytes") or (verify and _sha256(p) != info.get("sha256")):
-            raise CheckpointError(f"checkpoint {path}: {name} is truncated or modified (size/sha256 mismatch); "
-                                  f"delete this checkpoint to resume from the previous one")
+            raise CheckpointError(
+                f"checkpoint {path}: {name} is truncated or modified (size/sha256 mismatch); "
+                f"delete this checkpoint to resume from the previous one"
+            )
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for name in meta["files"]:
@@ -244,8 +255,9 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
                 for alias, target in meta.get("aliases", {}).get(group, {}).items():
                     loaded[alias] = loaded[target]
                 tensors[group] = loaded
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True) if "state.pt" in meta["files"] \
-            else {}
+        state = (
+            torch.load(path / "state.pt", map_location="cpu", weights_only=True) if "state.pt" in meta["files"] else {}
+        )
     except (SafetensorError, RuntimeError, OSError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({e}); delete this checkpoint") from None
     return Checkpoint(path=path, step=int(meta["step"]), meta=meta, tensors=tensors, state=state)
@@ -272,16 +284,19 @@ def model_from_checkpoint(ckpt: Checkpoint, source: str = "auto"):
     try:
         args = ModelArgs.from_dict(ckpt.meta["model_args"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt.path}: meta.json has no usable model_args ({e}); it was not written "
-                              f"by photon-peer") from None
+        raise CheckpointError(
+            f"checkpoint {ckpt.path}: meta.json has no usable model_args ({e}); it was not written by photon-peer"
+        ) from None
     weights = ckpt.tensors.get("model")
     if weights is None:
         raise CheckpointError(f"checkpoint {ckpt.path} has no model.safetensors; it was not written by photon-peer")
     model = Transformer(args)
     theta = ckpt.tensors.get("theta")
     if source == "theta" and theta is None:
-        raise CheckpointError(f"checkpoint {ckpt.path} holds no swarm model (theta): it was saved by a --local-only "
-                              f"run; use its local weights instead")
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} holds no swarm model (theta): it was saved by a --local-only "
+            f"run; use its local weights instead"
+        )
     try:
         model.load_state_dict(weights)
         if theta is not None and source != "local":
@@ -296,8 +311,7 @@ def model_from_checkpoint(ckpt: Checkpoint, source: str = "auto"):
                     p.copy_(t)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"checkpoint {ckpt.path}: its weights do not match its model_args ({detail})"
-                              ) from None
+        raise CheckpointError(f"checkpoint {ckpt.path}: its weights do not match its model_args ({detail})") from None
     return model.eval()
 
 
@@ -319,10 +333,14 @@ def tokenizer_from_checkpoint(ckpt: Checkpoint):
         try:
             tok = load_tokenizer(spec)
         except DataError as e:
-            raise CheckpointError(f"checkpoint {ckpt.path} holds no tokenizer.json and the tokenizer it was trained "
-                                  f"with is unavailable ({e})") from None
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} holds no tokenizer.json and the tokenizer it was trained "
+                f"with is unavailable ({e})"
+            ) from None
     if expected is not None and tok.fingerprint != expected:
-        raise CheckpointError(f"checkpoint {ckpt.path} was trained with tokenizer {expected[:12]}, but "
-                              f"{getattr(tok, 'name', 'its tokenizer')} is {tok.fingerprint[:12]} (the file changed "
-                              f"since); use a checkpoint written with tokenizer.json")
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was trained with tokenizer {expected[:12]}, but "
+            f"{getattr(tok, 'name', 'its tokenizer')} is {tok.fingerprint[:12]} (the file changed "
+            f"since); use a checkpoint written with tokenizer.json"
+        )
     return tok

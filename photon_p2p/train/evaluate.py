@@ -13,8 +13,16 @@ from photon_p2p.data.sampler import iter_eval_batches
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int,
-             device: torch.device, autocast: contextlib.AbstractContextManager | None = None) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    val_tokens: np.ndarray,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> tuple[float, float]:
     """Token-weighted mean cross-entropy over the first ``max_batches`` validation batches, and its perplexity.
 
     The same windows are used every time, so successive evaluations (and different peers) are comparable.

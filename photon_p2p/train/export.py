@@ -60,8 +60,12 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype = torch.float32) -> dic
     return out
 
 
-def hf_config(args: ModelArgs, *, dtype: torch.dtype = torch.float32, eos_token_id: int | None = None,
-              ) -> dict[str, Any]:
+def hf_config(
+    args: ModelArgs,
+    *,
+    dtype: torch.dtype = torch.float32,
+    eos_token_id: int | None = None,
+) -> dict[str, Any]:
     """config.json for transformers' LlamaConfig, readable by transformers 4.40+ and 5.x."""
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -94,8 +98,14 @@ def hf_config(args: ModelArgs, *, dtype: torch.dtype = torch.float32, eos_token_
     }
 
 
-def export_hf(model: Transformer, out_dir: str | Path, *, tokenizer_json: str | None = None,
-              eos_token: str = "<|endoftext|>", dtype: torch.dtype = torch.float32) -> Path:
+def export_hf(
+    model: Transformer,
+    out_dir: str | Path,
+    *,
+    tokenizer_json: str | None = None,
+    eos_token: str = "<|endoftext|>",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write ``model`` (and the tokenizer, given its tokenizer.json text) as a Hugging Face Llama directory.
 
     The files are written into a hidden sibling directory that is renamed into place at the end, so ``out_dir``
@@ -126,9 +136,15 @@ def export_hf(model: Transformer, out_dir: str | Path, *, tokenizer_json: str | 
         if tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
             special = {"bos_token": eos_token, "eos_token": eos_token}
-            _write_json(tmp / "tokenizer_config.json", {
-                "tokenizer_class": "PreTrainedTokenizerFast", **special,
-                "model_max_length": model.args.max_seq_len, "clean_up_tokenization_spaces": False})
+            _write_json(
+                tmp / "tokenizer_config.json",
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    **special,
+                    "model_max_length": model.args.max_seq_len,
+                    "clean_up_tokenization_spaces": False,
+                },
+            )
             _write_json(tmp / "special_tokens_map.json", special)
             if eos_token_id is not None:  # so generate() stops at the end of a document
                 ids = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
@@ -170,13 +186,15 @@ def model_from_hf(config: dict[str, Any], weights: dict[str, torch.Tensor], *, o
     """The inverse of ``hf_config`` + ``hf_state_dict``: our model (fp32, CPU, eval mode) from a Llama config.json
     and its tensors. Refuses, with a CheckpointError naming ``origin``, what photon_p2p.model cannot represent
     (biases, RoPE scaling, another head_dim, another activation) rather than load a model that computes otherwise."""
+
     def need(key: str) -> Any:
         if key not in config:
             raise CheckpointError(f"{origin}: config.json has no {key!r}; it is not a Llama config")
         return config[key]
 
-    unsupported = [f"{k}={config[k]!r}" for k, ok in (("model_type", "llama"), ("hidden_act", "silu"))
-                   if config.get(k, ok) != ok]
+    unsupported = [
+        f"{k}={config[k]!r}" for k, ok in (("model_type", "llama"), ("hidden_act", "silu")) if config.get(k, ok) != ok
+    ]
     unsupported += [f"{k}=true" for k in ("attention_bias", "mlp_bias") if config.get(k)]
     rope = config.get("rope_parameters") or {}
     if config.get("rope_scaling") or rope.get("rope_type", "default") != "default":
@@ -186,18 +204,25 @@ def model_from_hf(config: dict[str, Any], weights: dict[str, torch.Tensor], *, o
     try:
         d_model, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
         args = ModelArgs(
-            vocab_size=int(need("vocab_size")), d_model=d_model, n_layers=int(need("num_hidden_layers")),
-            n_heads=n_heads, n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
-            ffn_hidden=int(need("intermediate_size")), max_seq_len=int(need("max_position_embeddings")),
+            vocab_size=int(need("vocab_size")),
+            d_model=d_model,
+            n_layers=int(need("num_hidden_layers")),
+            n_heads=n_heads,
+            n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
+            ffn_hidden=int(need("intermediate_size")),
+            max_seq_len=int(need("max_position_embeddings")),
             rope_theta=float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0),
             norm_eps=float(config.get("rms_norm_eps", 1e-6)),  # transformers' LlamaConfig default
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),  # ditto
-            init_std=float(config.get("initializer_range", 0.02)))
+            init_std=float(config.get("initializer_range", 0.02)),
+        )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{origin}: config.json describes no valid model ({e})") from None
     if config.get("head_dim") not in (None, args.head_dim):
-        raise CheckpointError(f"{origin}: head_dim {config['head_dim']} != hidden_size / num_attention_heads "
-                              f"({args.head_dim}); photon's model cannot represent it")
+        raise CheckpointError(
+            f"{origin}: head_dim {config['head_dim']} != hidden_size / num_attention_heads "
+            f"({args.head_dim}); photon's model cannot represent it"
+        )
 
     ours_by_hf = {hf: ours for ours, hf in _LAYER_NAMES.items()}
     state: dict[str, torch.Tensor] = {}

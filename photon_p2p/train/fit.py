@@ -60,15 +60,18 @@ def pick_device(requested: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             why = "" if torch.backends.cuda.is_built() else f" (this torch {torch.__version__} is built without it)"
-            raise ConfigError(f"--device {requested}: CUDA is not available on this machine{why}; use --device cpu "
-                              f"or auto")
+            raise ConfigError(
+                f"--device {requested}: CUDA is not available on this machine{why}; use --device cpu or auto"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise ConfigError(f"--device {requested}: this machine has {count} CUDA device(s), cuda:0 to "
-                              f"cuda:{count - 1}")
+            raise ConfigError(
+                f"--device {requested}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
     elif device.type == "mps" and not _mps_available():
-        raise ConfigError(f"--device {requested}: MPS (Apple GPU) is not available on this machine; use --device cpu "
-                          f"or auto")
+        raise ConfigError(
+            f"--device {requested}: MPS (Apple GPU) is not available on this machine; use --device cpu or auto"
+        )
     return device
 
 
@@ -169,8 +172,9 @@ class MemoryEstimate:
     def training(self) -> int:
         """Weights, gradients and moments live throughout; the optimizer's temporaries appear only in its step,
         after the backward pass has freed the activations, so the peak is the larger of the two."""
-        return (self.weights + self.gradients + self.optimizer
-                + max(self.activations + self.logits, self.step_temporaries))
+        return (
+            self.weights + self.gradients + self.optimizer + max(self.activations + self.logits, self.step_temporaries)
+        )
 
     @property
     def subtotal(self) -> int:
@@ -186,18 +190,30 @@ class MemoryEstimate:
         return self.subtotal + self.margin
 
     def breakdown(self) -> str:
-        parts = [("weights", self.weights), ("gradients", self.gradients), ("optimizer", self.optimizer),
-                 ("activations", self.activations), ("logits", self.logits)]
+        parts = [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer", self.optimizer),
+            ("activations", self.activations),
+            ("logits", self.logits),
+        ]
         if self.swarm_on_device:
             parts.append(("swarm buffers", self.swarm))
         parts.append(("margin", self.margin))
         return ", ".join(f"{name} {human_bytes(n)}" for name, n in parts)
 
 
-def estimate_memory(args: ModelArgs, *, micro_batch: int, seq_len: int | None = None,
-                    compute_dtype: torch.dtype = torch.float32, optimizer: str = "adamw",
-                    activation_checkpointing: bool = False, device_type: str = "cpu",
-                    swarm_outer: str | None = None) -> MemoryEstimate:
+def estimate_memory(
+    args: ModelArgs,
+    *,
+    micro_batch: int,
+    seq_len: int | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    optimizer: str = "adamw",
+    activation_checkpointing: bool = False,
+    device_type: str = "cpu",
+    swarm_outer: str | None = None,
+) -> MemoryEstimate:
     """Peak memory of one training step of ``Transformer(args)`` on ``micro_batch`` sequences of ``seq_len`` tokens.
 
     With N parameters (a tied embedding once), t = micro_batch x seq_len tokens, L layers, V = vocab_size, c = bytes
@@ -228,8 +244,9 @@ def estimate_memory(args: ModelArgs, *, micro_batch: int, seq_len: int | None = 
     n = sum(numels)
     c = torch.finfo(compute_dtype).bits // 8
     if optimizer == "adamw8bit":
-        moments = sum(2 * k + 2 * FP32 * math.ceil(k / BNB_BLOCK) if k >= BNB_MIN_8BIT_SIZE else 2 * FP32 * k
-                      for k in numels)
+        moments = sum(
+            2 * k + 2 * FP32 * math.ceil(k / BNB_BLOCK) if k >= BNB_MIN_8BIT_SIZE else 2 * FP32 * k for k in numels
+        )
     else:
         moments = 2 * FP32 * n
     t = micro_batch * seq_len
@@ -243,9 +260,17 @@ def estimate_memory(args: ModelArgs, *, micro_batch: int, seq_len: int | None = 
     temporaries = 0 if optimizer == "adamw8bit" or _fused_adamw(torch.device(device_type)) else FP32 * n
     swarm = FP32 * n * (4 + 2 * OUTER_STATE_COPIES[swarm_outer]) if swarm_outer else 0
     weights = FP32 * n + (c * n if c < FP32 else 0)
-    return MemoryEstimate(params=n, weights=weights, gradients=FP32 * n, optimizer=moments, activations=activations,
-                          logits=logits, step_temporaries=temporaries, swarm=swarm,
-                          swarm_on_device=bool(swarm_outer) and device_type == "cpu")
+    return MemoryEstimate(
+        params=n,
+        weights=weights,
+        gradients=FP32 * n,
+        optimizer=moments,
+        activations=activations,
+        logits=logits,
+        step_temporaries=temporaries,
+        swarm=swarm,
+        swarm_on_device=bool(swarm_outer) and device_type == "cpu",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,16 +300,23 @@ class FitPlan:
     def describe(self) -> str:
         """The one line the peer logs, e.g. ``device cpu (auto: no CUDA/MPS); memory ~1.2 GiB of 20.5 GiB free;
         micro-batch 8 x 2 accumulation = batch 16; AdamW, fp32, no activation checkpointing``."""
-        batch = (f"micro-batch {self.micro_batch} x {self.accumulation} accumulation = batch {self.batch_size}"
-                 if self.accumulation > 1 else f"micro-batch {self.micro_batch} = batch {self.batch_size}, no "
-                                               f"accumulation")
-        how = ", ".join(["8-bit AdamW" if self.optimizer == "adamw8bit" else "AdamW",
-                         "bf16 autocast" if self.bf16 else "fp32",
-                         "activation checkpointing" if self.activation_checkpointing
-                         else "no activation checkpointing"])
+        batch = (
+            f"micro-batch {self.micro_batch} x {self.accumulation} accumulation = batch {self.batch_size}"
+            if self.accumulation > 1
+            else f"micro-batch {self.micro_batch} = batch {self.batch_size}, no accumulation"
+        )
+        how = ", ".join(
+            [
+                "8-bit AdamW" if self.optimizer == "adamw8bit" else "AdamW",
+                "bf16 autocast" if self.bf16 else "fp32",
+                "activation checkpointing" if self.activation_checkpointing else "no activation checkpointing",
+            ]
+        )
         why = f" ({'; '.join(self.notes)})" if self.notes else ""
-        return (f"device {self.device} ({self.device_reason}); memory ~{human_bytes(self.estimate.device_total)} of "
-                f"{human_bytes(self.budget)} {self.budget_source}; {batch}; {how}{why}")
+        return (
+            f"device {self.device} ({self.device_reason}); memory ~{human_bytes(self.estimate.device_total)} of "
+            f"{human_bytes(self.budget)} {self.budget_source}; {batch}; {how}{why}"
+        )
 
     def apply(self, train: TrainConfig) -> TrainConfig:
         """``train`` with this plan's micro-batch: what InnerTrainer and the sampler are built from."""
@@ -295,8 +327,15 @@ def _divisors_descending(n: int) -> list[int]:
     return [k for k in range(n, 0, -1) if n % k == 0]
 
 
-def plan_fit(args: ModelArgs, train: TrainConfig, device: torch.device, *, model_name: str = "the model",
-             swarm_outer: str | None = None, available: int | None = None) -> FitPlan:
+def plan_fit(
+    args: ModelArgs,
+    train: TrainConfig,
+    device: torch.device,
+    *,
+    model_name: str = "the model",
+    swarm_outer: str | None = None,
+    available: int | None = None,
+) -> FitPlan:
     """Choose micro-batch, optimizer and activation checkpointing for ``args`` on ``device`` (see the module
     docstring for the order). ``available`` (bytes) defaults to ``available_memory(device)``; ``--memory-limit``
     replaces both. ``swarm_outer`` (the outer optimizer) counts a swarm peer's CPU buffers, which matter when the
@@ -312,16 +351,26 @@ def plan_fit(args: ModelArgs, train: TrainConfig, device: torch.device, *, model
     else:
         optimizers = [train.inner_optimizer]
     checkpointing = {"auto": [False, True], "on": [True], "off": [False]}[train.activation_checkpointing]
-    pinned = [f"{flag} {value}" for flag, value, is_pinned in (
-        ("--micro-batch-size", train.micro_batch_size, train.micro_batch_size is not None),
-        ("--inner-optimizer", train.inner_optimizer, train.inner_optimizer != "auto"),
-        ("--activation-checkpointing", train.activation_checkpointing, train.activation_checkpointing != "auto"))
-        if is_pinned]
+    pinned = [
+        f"{flag} {value}"
+        for flag, value, is_pinned in (
+            ("--micro-batch-size", train.micro_batch_size, train.micro_batch_size is not None),
+            ("--inner-optimizer", train.inner_optimizer, train.inner_optimizer != "auto"),
+            ("--activation-checkpointing", train.activation_checkpointing, train.activation_checkpointing != "auto"),
+        )
+        if is_pinned
+    ]
 
     def estimate(micro: int, optimizer: str, ckpt: bool) -> MemoryEstimate:
-        return estimate_memory(args, micro_batch=micro, compute_dtype=torch.bfloat16 if bf16 else torch.float32,
-                               optimizer=optimizer, activation_checkpointing=ckpt, device_type=device.type,
-                               swarm_outer=swarm_outer)
+        return estimate_memory(
+            args,
+            micro_batch=micro,
+            compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+            optimizer=optimizer,
+            activation_checkpointing=ckpt,
+            device_type=device.type,
+            swarm_outer=swarm_outer,
+        )
 
     modes = [(optimizer, ckpt) for ckpt in checkpointing for optimizer in optimizers]
     for i, (optimizer, ckpt) in enumerate(modes):
@@ -335,47 +384,68 @@ def plan_fit(args: ModelArgs, train: TrainConfig, device: torch.device, *, model
                 notes.append(f"batch {train.batch_size} in one pass needs ~{human_bytes(whole)}")
             if i > 0:
                 first = estimate(micro_options[-1], *modes[0]).device_total
-                notes.append(f"even micro-batch {micro_options[-1]} with {_mode_label(*modes[0])} needs "
-                             f"~{human_bytes(first)}")
+                notes.append(
+                    f"even micro-batch {micro_options[-1]} with {_mode_label(*modes[0])} needs ~{human_bytes(first)}"
+                )
             if pinned:
                 notes.append("as set: " + ", ".join(pinned))
-            return FitPlan(device=device, device_reason=device_reason(train.device, device),
-                           batch_size=train.batch_size, micro_batch=micro, optimizer=optimizer,
-                           activation_checkpointing=ckpt, bf16=bf16, estimate=est, budget=budget,
-                           budget_source=source, notes=tuple(notes))
+            return FitPlan(
+                device=device,
+                device_reason=device_reason(train.device, device),
+                batch_size=train.batch_size,
+                micro_batch=micro,
+                optimizer=optimizer,
+                activation_checkpointing=ckpt,
+                bf16=bf16,
+                estimate=est,
+                budget=budget,
+                budget_source=source,
+                notes=tuple(notes),
+            )
     smallest = estimate(micro_options[-1], *modes[-1])
-    where = (f"--memory-limit allows {human_bytes(budget)}" if train.memory_limit is not None
-             else f"this machine has {human_bytes(budget)} free on {device}")
+    where = (
+        f"--memory-limit allows {human_bytes(budget)}"
+        if train.memory_limit is not None
+        else f"this machine has {human_bytes(budget)} free on {device}"
+    )
     as_set = f" ({', '.join(pinned)} as set)" if pinned else ""
     raise ConfigError(
         f"{model_name} ({human_count(smallest.params)} parameters) does not fit: even micro-batch {micro_options[-1]} "
         f"with {_mode_label(*modes[-1])}{as_set} needs ~{human_bytes(smallest.device_total)} "
         f"({smallest.breakdown()}), but {where}; try a machine or GPU with >= {human_bytes(smallest.device_total)} "
-        f"free, or a smaller --model or --seq-len")
+        f"free, or a smaller --model or --seq-len"
+    )
 
 
 def _mode_label(optimizer: str, ckpt: bool) -> str:
-    return ("8-bit AdamW" if optimizer == "adamw8bit" else "AdamW") + (
-        " and activation checkpointing" if ckpt else "")
+    return ("8-bit AdamW" if optimizer == "adamw8bit" else "AdamW") + (" and activation checkpointing" if ckpt else "")
 
 
-def plan_before_fork(args: ModelArgs, train: TrainConfig, *, model_name: str, outer_optimizer: str,
-                     ) -> FitPlan | None:
+def plan_before_fork(
+    args: ModelArgs,
+    train: TrainConfig,
+    *,
+    model_name: str,
+    outer_optimizer: str,
+) -> FitPlan | None:
     """A swarm peer's plan, made before its global state is allocated and before it forks (so without initialising
     CUDA: ``torch.cuda.device_count`` asks NVML where it can). A CPU peer gets its whole plan, the swarm's fp32
     buffers included. A GPU peer only has its host memory checked against those buffers here (None is returned);
     its device is planned by LocalSession after the forks, where querying CUDA is safe."""
-    on_cpu = train.device == "cpu" or (train.device == "auto" and torch.cuda.device_count() == 0
-                                       and not _mps_available())
+    on_cpu = train.device == "cpu" or (
+        train.device == "auto" and torch.cuda.device_count() == 0 and not _mps_available()
+    )
     if on_cpu:
         return plan_fit(args, train, torch.device("cpu"), model_name=model_name, swarm_outer=outer_optimizer)
     swarm = estimate_memory(args, micro_batch=1, swarm_outer=outer_optimizer).swarm
     free = available_memory(torch.device("cpu"))
     if swarm + MARGIN_FIXED > free:
-        raise ConfigError(f"{model_name} ({human_count(sum(param_numels(args)))} parameters) does not fit in this "
-                          f"machine's RAM: a swarm peer keeps theta, delta and the --outer-optimizer "
-                          f"{outer_optimizer} state in fp32 on the CPU, ~{human_bytes(swarm)}, but "
-                          f"{human_bytes(free)} is free; use a machine with more RAM or a smaller --model")
+        raise ConfigError(
+            f"{model_name} ({human_count(sum(param_numels(args)))} parameters) does not fit in this "
+            f"machine's RAM: a swarm peer keeps theta, delta and the --outer-optimizer "
+            f"{outer_optimizer} state in fp32 on the CPU, ~{human_bytes(swarm)}, but "
+            f"{human_bytes(free)} is free; use a machine with more RAM or a smaller --model"
+        )
     return None
 
 

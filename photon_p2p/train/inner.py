@@ -48,8 +48,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_inner_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, kind: str | None = None,
-                          ) -> torch.optim.Optimizer:
+def build_inner_optimizer(
+    model: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    kind: str | None = None,
+) -> torch.optim.Optimizer:
     """``kind`` ("adamw" or "adamw8bit", e.g. fit.py's choice) overrides ``cfg.inner_optimizer``; its "auto"
     means plain AdamW."""
     groups = param_groups(model, cfg.weight_decay)
@@ -73,8 +77,9 @@ class StepResult:
 
     __slots__ = ("_loss_sum", "_accum", "_grad_norm", "lr", "tokens")
 
-    def __init__(self, *, loss_sum: torch.Tensor | float, accum: int, lr: float, tokens: int,
-                 grad_norm: torch.Tensor | float):
+    def __init__(
+        self, *, loss_sum: torch.Tensor | float, accum: int, lr: float, tokens: int, grad_norm: torch.Tensor | float
+    ):
         self._loss_sum, self._accum, self._grad_norm = loss_sum, accum, grad_norm
         self.lr, self.tokens = lr, tokens
 
@@ -91,8 +96,9 @@ class StepResult:
         return self._grad_norm
 
     def __repr__(self) -> str:
-        return (f"StepResult(loss={self.loss:.4f}, lr={self.lr:.3g}, tokens={self.tokens}, "
-                f"grad_norm={self.grad_norm:.3g})")
+        return (
+            f"StepResult(loss={self.loss:.4f}, lr={self.lr:.3g}, tokens={self.tokens}, grad_norm={self.grad_norm:.3g})"
+        )
 
 
 class InnerTrainer:
@@ -104,8 +110,15 @@ class InnerTrainer:
     :param optimizer: "adamw" or "adamw8bit", what fit.plan_fit chose when ``cfg.inner_optimizer`` is "auto"
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, *, micro_batch: int | None = None,
-                 optimizer: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        device: torch.device,
+        *,
+        micro_batch: int | None = None,
+        optimizer: str | None = None,
+    ):
         self.model, self.cfg, self.device = model, cfg, device
         self.micro_batch = micro_batch or cfg.micro_batch
         if cfg.batch_size % self.micro_batch:
@@ -120,8 +133,13 @@ class InnerTrainer:
         self._pin = device.type == "cuda"
 
     def lr_for(self, step: int) -> float:
-        return lr_at(step, peak_lr=self.cfg.lr, warmup_steps=self.cfg.warmup, max_steps=self.cfg.max_steps,
-                     alpha_f=self.cfg.alpha_f)
+        return lr_at(
+            step,
+            peak_lr=self.cfg.lr,
+            warmup_steps=self.cfg.warmup,
+            max_steps=self.cfg.max_steps,
+            alpha_f=self.cfg.alpha_f,
+        )
 
     def step(self, sampler: Any, global_step: int) -> StepResult:
         """One optimizer step at learning rate lr(global_step). Returns the mean loss over the batch."""
@@ -168,9 +186,11 @@ class InnerTrainer:
             self.optimizer_kind = saved
             self.optimizer = build_inner_optimizer(self.model, self.cfg, self.device, saved)
         if saved is not None and saved != self.optimizer_kind:
-            raise CheckpointError(f"the checkpoint holds --inner-optimizer {saved} moments, but this run uses "
-                                  f"--inner-optimizer {self.cfg.inner_optimizer}: resume with --inner-optimizer "
-                                  f"{saved}, or start over with --fresh")
+            raise CheckpointError(
+                f"the checkpoint holds --inner-optimizer {saved} moments, but this run uses "
+                f"--inner-optimizer {self.cfg.inner_optimizer}: resume with --inner-optimizer "
+                f"{saved}, or start over with --fresh"
+            )
         self.optimizer.load_state_dict(state)
 
 

@@ -25,8 +25,19 @@ from photon_p2p.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # dense bf16/fp16 tensor-core peak FLOP/s by device name (vendor data sheets); MFU is left out where unknown (CPUs)
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12,
-              "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 125e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -66,11 +77,18 @@ class StepStats:
         rate = self._tokens / max(now - self._t, 1e-9)
         self._t, self._tokens = now, 0
         grad_norm = result.grad_norm
-        rec: dict[str, Any] = dict(kind="step", step=step, **extra, loss=result.loss, lr=result.lr, tokens=tokens,
-                                   tokens_per_s=round(rate, 1),
-                                   grad_norm=grad_norm if math.isfinite(grad_norm) else None,
-                                   mfu=round(rate * self.flops_per_token / self.peak, 4) if self.peak else None,
-                                   peak_mem_mb=round(peak_memory_mb(self.device), 1))
+        rec: dict[str, Any] = dict(
+            kind="step",
+            step=step,
+            **extra,
+            loss=result.loss,
+            lr=result.lr,
+            tokens=tokens,
+            tokens_per_s=round(rate, 1),
+            grad_norm=grad_norm if math.isfinite(grad_norm) else None,
+            mfu=round(rate * self.flops_per_token / self.peak, 4) if self.peak else None,
+            peak_mem_mb=round(peak_memory_mb(self.device), 1),
+        )
         return rec
 
 
@@ -78,9 +96,17 @@ class MetricsWriter:
     """Appends records to ``path`` (or does nothing when ``path`` is None) and forwards them to the optional sinks.
     Non-finite floats become null."""
 
-    def __init__(self, path: str | None, *, tensorboard_dir: str | None = None, wandb_project: str | None = None,
-                 wandb_mode: str = "offline", group: str = "photon", name: str = "peer",
-                 config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        path: str | None,
+        *,
+        tensorboard_dir: str | None = None,
+        wandb_project: str | None = None,
+        wandb_mode: str = "offline",
+        group: str = "photon",
+        name: str = "peer",
+        config: dict[str, Any] | None = None,
+    ):
         self._file = None
         self._tb = self._wandb = None
         if path:
@@ -105,9 +131,11 @@ class MetricsWriter:
             return
         kind = clean.get("kind") or ("round" if "round" in clean else "step")
         step = clean.get("step")
-        scalars = {f"{kind}/{k}": float(v) for k, v in clean.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
-                   and k not in ("step", "time")}
+        scalars = {
+            f"{kind}/{k}": float(v)
+            for k, v in clean.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and k not in ("step", "time")
+        }
         try:
             if self._tb is not None:
                 for tag, value in scalars.items():
@@ -132,16 +160,25 @@ class MetricsWriter:
 
 def open_metrics(log: Any, *, group: str, name: str, config: dict[str, Any] | None = None) -> MetricsWriter:
     """The writer for a run's [log] settings (--metrics-file, --tensorboard-dir, --wandb-project, --wandb-mode)."""
-    return MetricsWriter(log.metrics_file, tensorboard_dir=log.tensorboard_dir, wandb_project=log.wandb_project,
-                         wandb_mode=log.wandb_mode, group=group, name=name, config=config)
+    return MetricsWriter(
+        log.metrics_file,
+        tensorboard_dir=log.tensorboard_dir,
+        wandb_project=log.wandb_project,
+        wandb_mode=log.wandb_mode,
+        group=group,
+        name=name,
+        config=config,
+    )
 
 
 def _open_tensorboard(logdir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ConfigError("--tensorboard-dir needs the tensorboard package: pip install 'photon-p2p[tensorboard]' "
-                          "(or pip install tensorboard)") from None
+        raise ConfigError(
+            "--tensorboard-dir needs the tensorboard package: pip install 'photon-p2p[tensorboard]' "
+            "(or pip install tensorboard)"
+        ) from None
     try:
         return SummaryWriter(log_dir=str(logdir))
     except OSError as e:
@@ -152,13 +189,24 @@ def _open_wandb(project: str, mode: str, *, group: str, name: str, config: dict[
     try:
         import wandb
     except ImportError:
-        raise ConfigError("--wandb-project needs the wandb package: pip install 'photon-p2p[wandb]' "
-                          "(or pip install wandb)") from None
+        raise ConfigError(
+            "--wandb-project needs the wandb package: pip install 'photon-p2p[wandb]' (or pip install wandb)"
+        ) from None
     try:
-        run = wandb.init(project=project, group=group, name=name, tags=[name], mode=mode, config=config,
-                         reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
+        run = wandb.init(
+            project=project,
+            group=group,
+            name=name,
+            tags=[name],
+            mode=mode,
+            config=config,
+            reinit="create_new",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
     except Exception as e:  # wandb raises its own errors for a missing login in online mode, bad names, ...
-        raise ConfigError(f"--wandb-project {project}: W&B could not start a run ({str(e).splitlines()[0][:200]}); "
-                          f"--wandb-mode offline works without an account or network") from None
+        raise ConfigError(
+            f"--wandb-project {project}: W&B could not start a run ({str(e).splitlines()[0][:200]}); "
+            f"--wandb-mode offline works without an account or network"
+        ) from None
     run.define_metric("*", step_metric="step")
     return run

@@ -37,10 +37,13 @@ class Progress:
 def resolve_model_args(cfg: RunConfig, tokenizer: Tokenizer) -> ModelArgs:
     vocab = cfg.model.vocab_size or pad_vocab(tokenizer.vocab_size)
     if vocab < tokenizer.vocab_size:
-        raise ConfigError(f"--vocab-size {vocab} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size} "
-                          f"tokens in {cfg.data.tokenizer}); raise --vocab-size or leave it unset")
-    return build_model_args(cfg.model.preset, vocab_size=vocab, seq_len=cfg.model.seq_len,
-                            tie_embeddings=cfg.model.tie_embeddings)
+        raise ConfigError(
+            f"--vocab-size {vocab} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size} "
+            f"tokens in {cfg.data.tokenizer}); raise --vocab-size or leave it unset"
+        )
+    return build_model_args(
+        cfg.model.preset, vocab_size=vocab, seq_len=cfg.model.seq_len, tie_embeddings=cfg.model.tie_embeddings
+    )
 
 
 class LocalSession:
@@ -52,25 +55,41 @@ class LocalSession:
     for the machine fails at once) and logged in one line.
     """
 
-    def __init__(self, cfg: RunConfig, *, tokenizer: Tokenizer | None = None, model_args: ModelArgs | None = None,
-                 progress: bool = True, plan: FitPlan | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        tokenizer: Tokenizer | None = None,
+        model_args: ModelArgs | None = None,
+        progress: bool = True,
+        plan: FitPlan | None = None,
+    ):
         self.cfg = cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = plan.device if plan is not None else pick_device(cfg.train.device)
         self.tokenizer = tokenizer or load_tokenizer(cfg.data.tokenizer)
         if not cfg.data.paths:
-            raise ConfigError("--data is required: give your training text (files, directories or globs), "
-                              "or 'default' for the Python standard library's sources")
+            raise ConfigError(
+                "--data is required: give your training text (files, directories or globs), "
+                "or 'default' for the Python standard library's sources"
+            )
         self.model_args = model_args or resolve_model_args(cfg, self.tokenizer)
         self.plan = plan or plan_fit(self.model_args, cfg.train, self.device, model_name=f"--model {cfg.model.preset}")
         logger.info("%s", self.plan.describe())
         self.train_cfg = self.plan.apply(cfg.train)  # cfg.train with the planned micro-batch
-        self.dataset = prepare_dataset(cfg.data.paths, self.tokenizer, cache_dir=cfg.data.cache_dir,
-                                       val_fraction=cfg.data.val_fraction, progress=progress)
+        self.dataset = prepare_dataset(
+            cfg.data.paths,
+            self.tokenizer,
+            cache_dir=cfg.data.cache_dir,
+            val_fraction=cfg.data.val_fraction,
+            progress=progress,
+        )
         if self.dataset.vocab_size_needed > self.model_args.vocab_size:
-            raise DataError(f"the token shards use ids up to {self.dataset.vocab_size_needed - 1} but the model has "
-                            f"{self.model_args.vocab_size} embedding rows; raise --vocab-size")
+            raise DataError(
+                f"the token shards use ids up to {self.dataset.vocab_size_needed - 1} but the model has "
+                f"{self.model_args.vocab_size} embedding rows; raise --vocab-size"
+            )
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(self.model_args).to(self.device)
         self.model.activation_checkpointing = self.plan.activation_checkpointing
@@ -79,9 +98,13 @@ class LocalSession:
         self.runnable = torch.compile(self.model) if cfg.train.compile else self.model
         self.trainer = InnerTrainer(self.runnable, self.train_cfg, self.device, optimizer=self.plan.optimizer)
         # micro-batches of a batch are consecutive draws: the same windows, in the same order, as one batch-size draw
-        self.sampler = BatchSampler(self.dataset.train, seq_len=self.model_args.max_seq_len,
-                                    batch_size=self.plan.micro_batch, seed=cfg.train.seed,
-                                    partition=cfg.data.partition_tuple)
+        self.sampler = BatchSampler(
+            self.dataset.train,
+            seq_len=self.model_args.max_seq_len,
+            batch_size=self.plan.micro_batch,
+            seed=cfg.train.seed,
+            partition=cfg.data.partition_tuple,
+        )
         self.progress = Progress()
 
     @property
@@ -97,27 +120,53 @@ class LocalSession:
     def evaluate(self) -> tuple[float, float]:
         # --eval-batches counts whole batches, so every peer evaluates the same windows whatever its micro-batch
         accum = self.trainer.accum_steps
-        return evaluate(self.runnable, self.dataset.val, seq_len=self.seq_len, batch_size=self.plan.micro_batch,
-                        max_batches=self.cfg.train.eval_batches * accum, device=self.device,
-                        autocast=self.trainer.autocast)
+        return evaluate(
+            self.runnable,
+            self.dataset.val,
+            seq_len=self.seq_len,
+            batch_size=self.plan.micro_batch,
+            max_batches=self.cfg.train.eval_batches * accum,
+            device=self.device,
+            autocast=self.trainer.autocast,
+        )
 
     # ---------------------------------------------------------------------------------------------------------
     # checkpoints
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return dict(version=__version__, config=self.cfg.to_dict(), model_args=self.model_args.to_dict(),
-                    tokenizer=self.tokenizer.fingerprint, tokens=self.progress.tokens)
+        return dict(
+            version=__version__,
+            config=self.cfg.to_dict(),
+            model_args=self.model_args.to_dict(),
+            tokenizer=self.tokenizer.fingerprint,
+            tokens=self.progress.tokens,
+        )
 
-    def save(self, *, extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
-             extra_state: dict[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        *,
+        extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+        extra_state: dict[str, Any] | None = None,
+    ) -> Path:
         ck = self.cfg.checkpoint
         assert ck.dir, "save() needs --checkpoint-dir"
-        state = dict(optimizer=self.trainer.state_dict(), sampler=self.sampler.state_dict(),
-                     rng=torch.get_rng_state(), progress=dict(step=self.progress.step, tokens=self.progress.tokens))
+        state = dict(
+            optimizer=self.trainer.state_dict(),
+            sampler=self.sampler.state_dict(),
+            rng=torch.get_rng_state(),
+            progress=dict(step=self.progress.step, tokens=self.progress.tokens),
+        )
         state.update(extra_state or {})
         tensors = {"model": self.model.state_dict(), **(extra_tensors or {})}
-        path = save_checkpoint(ck.dir, self.progress.step, tensors=tensors, state=state, meta=self.checkpoint_meta(),
-                               keep=ck.keep, text_files={"tokenizer.json": self.tokenizer.to_json()})
+        path = save_checkpoint(
+            ck.dir,
+            self.progress.step,
+            tensors=tensors,
+            state=state,
+            meta=self.checkpoint_meta(),
+            keep=ck.keep,
+            text_files={"tokenizer.json": self.tokenizer.to_json()},
+        )
         logger.debug("checkpoint written: %s", path)
         return path
 
@@ -127,12 +176,16 @@ class LocalSession:
         current = self.model_args.to_dict()
         diffs = [f"{k} {saved.get(k)!r} (checkpoint) != {v!r} (now)" for k, v in current.items() if saved.get(k) != v]
         if diffs:
-            raise CheckpointError(f"checkpoint {ckpt.path} was written for a different model: {'; '.join(diffs)}. "
-                                  f"Use the same --model/--seq-len/--vocab-size/--tokenizer or another "
-                                  f"--checkpoint-dir")
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} was written for a different model: {'; '.join(diffs)}. "
+                f"Use the same --model/--seq-len/--vocab-size/--tokenizer or another "
+                f"--checkpoint-dir"
+            )
         if ckpt.meta.get("tokenizer") != self.tokenizer.fingerprint:
-            raise CheckpointError(f"checkpoint {ckpt.path} was written with a different tokenizer than "
-                                  f"--tokenizer {self.cfg.data.tokenizer}")
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} was written with a different tokenizer than "
+                f"--tokenizer {self.cfg.data.tokenizer}"
+            )
 
     def restore(self, ckpt: Checkpoint) -> None:
         self.check_compatible(ckpt)
@@ -143,5 +196,4 @@ class LocalSession:
             raise CheckpointError(f"checkpoint {ckpt.path} does not fit this model ({e})") from None
         self.sampler.load_state_dict(ckpt.state["sampler"])
         torch.set_rng_state(ckpt.state["rng"])
-        self.progress = Progress(step=int(ckpt.state["progress"]["step"]),
-                                 tokens=int(ckpt.state["progress"]["tokens"]))
+        self.progress = Progress(step=int(ckpt.state["progress"]["step"]), tokens=int(ckpt.state["progress"]["tokens"]))

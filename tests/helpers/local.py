@@ -13,8 +13,30 @@ from typing import Any
 
 from tests.helpers.procs import console
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "cats", "watch",
-         "from", "the", "old", "stone", "wall", "and", "nobody", "knows", "why"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "cats",
+    "watch",
+    "from",
+    "the",
+    "old",
+    "stone",
+    "wall",
+    "and",
+    "nobody",
+    "knows",
+    "why",
+]
 
 
 def write_corpus(directory: Path, *, files: int = 6, lines: int = 150, seed: int = 0) -> Path:
@@ -22,16 +44,21 @@ def write_corpus(directory: Path, *, files: int = 6, lines: int = 150, seed: int
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for i in range(files):
-        text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))) + "."
-                         for _ in range(lines))
+        text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))) + "." for _ in range(lines))
         (directory / f"doc{i}.txt").write_text(text + "\n", encoding="utf-8")
     return directory
 
 
 def env(tmp: Path) -> dict[str, str]:
     """The environment of a test subprocess: its own TMPDIR, offline, and no shard cache outside ``tmp``."""
-    return dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                PHOTON_CACHE_DIR=str(tmp / "photon-cache"))
+    return dict(
+        os.environ,
+        TMPDIR=str(tmp),
+        PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PHOTON_CACHE_DIR=str(tmp / "photon-cache"),
+    )
 
 
 def run_cli(name: str, args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -39,8 +66,15 @@ def run_cli(name: str, args: list[str], cwd: Path, timeout: float = 240) -> subp
     # a short TMPDIR: Unix socket paths (torch_shm_manager) max out at 108 bytes
     tmp = Path(tempfile.mkdtemp(prefix="ph-cli-", dir="/tmp"))
     try:
-        return subprocess.run(console(name) + [str(a) for a in args], cwd=cwd, env=env(tmp), capture_output=True,
-                              text=True, timeout=timeout, start_new_session=True)
+        return subprocess.run(
+            console(name) + [str(a) for a in args],
+            cwd=cwd,
+            env=env(tmp),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

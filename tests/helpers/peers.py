@@ -10,15 +10,50 @@ from typing import Any
 from tests.helpers.procs import LOOPBACK, Proc, ProcessPool, console, wait_until
 
 
-def peer_args(name: str, *, run_id: str, cache: Path, initial_peers: list[str] = (), data: str = "default",
-              model: str = "micro", local_steps: int = 5, max_steps: int = 60, matchmaking_time: float = 3.0,
-              extra: list[str] = (), host: str = LOOPBACK) -> list[str]:
+def peer_args(
+    name: str,
+    *,
+    run_id: str,
+    cache: Path,
+    initial_peers: list[str] = (),
+    data: str = "default",
+    model: str = "micro",
+    local_steps: int = 5,
+    max_steps: int = 60,
+    matchmaking_time: float = 3.0,
+    extra: list[str] = (),
+    host: str = LOOPBACK,
+) -> list[str]:
     args = console("photon-peer") + [
-        "--data", data, "--model", model, "--run-id", run_id, "--host-maddrs", host,
-        "--cache-dir", str(cache), "--metrics-file", "metrics.jsonl", "--no-progress",
-        "--local-steps", str(local_steps), "--max-steps", str(max_steps), "--matchmaking-time", str(matchmaking_time),
-        "--allreduce-timeout", "30", "--eval-every", "0", "--eval-batches", "2", "--batch-size", "8",
-        "--threads", "1",  # three peers share two cores: do not let torch oversubscribe them
+        "--data",
+        data,
+        "--model",
+        model,
+        "--run-id",
+        run_id,
+        "--host-maddrs",
+        host,
+        "--cache-dir",
+        str(cache),
+        "--metrics-file",
+        "metrics.jsonl",
+        "--no-progress",
+        "--local-steps",
+        str(local_steps),
+        "--max-steps",
+        str(max_steps),
+        "--matchmaking-time",
+        str(matchmaking_time),
+        "--allreduce-timeout",
+        "30",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "2",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",  # three peers share two cores: do not let torch oversubscribe them
     ]
     if initial_peers:
         args += ["--initial-peers", *initial_peers]
