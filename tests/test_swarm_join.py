@@ -165,8 +165,17 @@ def test_four_real_peers_started_at_once_form_one_run(procs, tmp_path):
 
 @pytest.mark.slow
 def test_hivemind_dht_works_as_bootstrap(procs, tmp_path):
-    dht = procs.start(console("hivemind-dht") + ["--host_maddrs", LOOPBACK], name="hivemind-dht")
-    boot_maddr = dht.maddr(timeout=60)  # its log: "... use --initial_peers /ip4/127.0.0.1/tcp/N/p2p/12D3KooW..."
+    # its log: "... use --initial_peers /ip4/127.0.0.1/tcp/N/p2p/12D3KooW..." within ~2 s. hivemind-dht itself (not
+    # our code) once hung at start-up printing nothing for a minute in a full suite run: start it again once then
+    for attempt in range(2):
+        dht = procs.start(console("hivemind-dht") + ["--host_maddrs", LOOPBACK], name=f"hivemind-dht-{attempt}")
+        try:
+            boot_maddr = dht.maddr(timeout=45)
+            break
+        except AssertionError:
+            if attempt == 1:
+                raise
+            dht.kill()
     peer = procs.start(peer_args(boot_maddr, write_corpus(tmp_path / "corpus"), tmp_path / "cache"), name="peer")
     peer_id = peer.wait_for(r"initial-peers /ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+)", 90).group(1)
     with dht_client(boot_maddr) as calls:
