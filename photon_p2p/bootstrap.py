@@ -162,13 +162,10 @@ class StatusReporter:
         self.known: set[str] | None = None
 
     def line(self, timeout: float = 20.0) -> str:
-        from photon_p2p.swarm.dht import signals_deferred
         from photon_p2p.swarm.manifest import list_runs
 
-        # the DHT's control pipe is not thread-safe: share DHTCalls' lock (the dashboard polls from its own thread)
-        with self.calls._lock, signals_deferred():  # see there: a signal while hivemind creates a future can hang torch
-            future = self.dht.run_coroutine(_routing_table_peers, return_future=True)
-        peers = set(future.result(timeout=timeout))
+        # through DHTCalls: the DHT's control pipe is not thread-safe, and the dashboard polls from its own thread
+        peers = set(self.calls.run_coroutine(_routing_table_peers, timeout=timeout))
         change = ""
         if self.known is not None:
             joined, left = len(peers - self.known), len(self.known - peers)

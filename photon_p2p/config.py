@@ -286,7 +286,8 @@ class LogConfig(Section):
     tensorboard_dir: str | None = opt(
         None,
         metavar="DIR",
-        help="also write the records as TensorBoard scalars under DIR/RUN_ID/PEER "
+        help="also write the records as TensorBoard scalars under DIR/RUN_ID/peer-XXXXXXXX (DIR/local/local-only "
+        "with --local-only) "
         "(needs the tensorboard package: pip install 'photon-p2p[tensorboard]')",
     )
     wandb_project: str | None = opt(
@@ -298,7 +299,7 @@ class LogConfig(Section):
     wandb_mode: Literal["offline", "online"] = opt(
         "offline",
         metavar="MODE",
-        help="offline (default: files under ./wandb, no account or network; upload later with 'wandb sync') or online",
+        help="offline (files under ./wandb, no account or network; upload later with 'wandb sync') or online",
     )
     progress: bool = opt(True, help="show progress bars (off automatically when stderr is not a terminal)")
     log_level: Literal["debug", "info", "warning", "error"] = opt(

@@ -226,6 +226,13 @@ class DHTCalls:
             future = self.dht.get(key, latest=latest, return_future=True)
         return future.result(timeout=timeout)
 
+    def run_coroutine(self, coro: Any, *, timeout: float = 20.0) -> Any:
+        """``dht.run_coroutine`` under the same lock (the bootstrap's status line, polled beside the dashboard)."""
+        self._check_alive()
+        with self._lock, signals_deferred():
+            future = self.dht.run_coroutine(coro, return_future=True)
+        return future.result(timeout=timeout)
+
     def store(self, key: str, value: Any, expiration_time: float, *, subkey: Any = None, timeout: float = 10.0) -> bool:
         self._check_alive()
         with self._lock, signals_deferred():
