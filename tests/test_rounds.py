@@ -39,7 +39,11 @@ def test_sigkill_during_allreduce_the_others_finish_the_round(procs, tmp_path):
     for p in (a, b):
         finish(p, 300)
     ra, rb = rounds(a), rounds(b)
-    assert any(victim_id in r[8]["group_peers"] for r in (ra, rb)), "the victim was not in a group when it died"
+    # the victim died inside an all-reduce (the fault fires while it sends its parts). Either a survivor's round 8
+    # finished in that group (the record lists the victim), or the group's all-reduce failed for the survivors and
+    # they retried round 8 without it: then their logs name the peer whose parts they lost
+    in_group = any(victim_id in r[8]["group_peers"] for r in (ra, rb))
+    assert in_group or any(victim_id in p.output() for p in (a, b)), "no survivor was in a group with the victim"
     for recs in (ra, rb):
         assert 8 in recs and recs[8]["allreduce_s"] < 30 + 10, "round 8 hung past the all-reduce timeout"
         assert sorted(recs) == list(range(15)), f"training did not go on after the failure: {sorted(recs)}"

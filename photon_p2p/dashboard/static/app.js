@@ -269,8 +269,11 @@
       box.replaceChildren(el("span", DASH), el("span", " (no peer reports a theta hash)", "muted"));
     } else if (groups.length === 1) {
       const [hash, n] = groups[0];
-      box.replaceChildren(el("span", `${n}/${peers} peers agree on theta `), el("code", shortHash(hash)));
-      box.lastChild.title = hash;
+      // theta_agreement counts the peers at the newest round (one still averaging the round before differs)
+      const code = el("code", shortHash(hash));
+      code.title = hash;
+      box.replaceChildren(el("span", "the peers at the newest round agree on theta "), code,
+        el("span", ` (${n} of ${plural(peers)})`, "muted"));
     } else {
       const list = el("ul", null, "split");
       for (const [hash, n] of groups.slice(0, 8)) {
