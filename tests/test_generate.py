@@ -13,6 +13,7 @@ incomplete export, a prompt longer than the context and bad flags are each one `
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -48,12 +49,15 @@ def run(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def cli(capsys):
+def cli(capsys, monkeypatch):
     """photon-generate's main() in this process (no second torch import): (exit code, stdout, stderr)."""
     before = signal.getsignal(signal.SIGTERM)  # run_main installs its own SIGTERM handler
     # setup_logging() changes process-wide logging (levels, a root handler): put it back for the tests after us
     root, ours = logging.getLogger(), logging.getLogger("photon_p2p")
     saved = (root.level, list(root.handlers), ours.level)
+    # ... and it sets HIVEMIND_LOGLEVEL in os.environ, which every process a later test starts would inherit
+    # (hivemind-dht would then never print its address): monkeypatch restores the environment after the test
+    monkeypatch.setenv("HIVEMIND_LOGLEVEL", os.environ.get("HIVEMIND_LOGLEVEL", "INFO"))
 
     def call(*argv: object) -> tuple[int, str, str]:
         try:

@@ -153,7 +153,12 @@ def test_four_real_peers_started_at_once_form_one_run(procs, tmp_path):
     ]
     with dht_client(boot_maddr) as calls:
         wait_for_heartbeats(calls, "t", 4, watch=peers, timeout=150)
-    status = status_json(boot_maddr, "t", tmp_path / "status")
+    # four peers on two cores: a heartbeat (12 s expiry) can lapse for a moment while its peer is starved; the
+    # guarantee is that all four are seen, so look again a few times
+    for attempt in range(3):
+        status = status_json(boot_maddr, "t", tmp_path / f"status{attempt}")
+        if len(status["peers"]) == 4:
+            break
     assert len(status["peers"]) == 4, status
     manifests = set()
     for peer in peers:
@@ -165,17 +170,12 @@ def test_four_real_peers_started_at_once_form_one_run(procs, tmp_path):
 
 @pytest.mark.slow
 def test_hivemind_dht_works_as_bootstrap(procs, tmp_path):
-    # its log: "... use --initial_peers /ip4/127.0.0.1/tcp/N/p2p/12D3KooW..." within ~2 s. hivemind-dht itself (not
-    # our code) once hung at start-up printing nothing for a minute in a full suite run: start it again once then
-    for attempt in range(2):
-        dht = procs.start(console("hivemind-dht") + ["--host_maddrs", LOOPBACK], name=f"hivemind-dht-{attempt}")
-        try:
-            boot_maddr = dht.maddr(timeout=45)
-            break
-        except AssertionError:
-            if attempt == 1:
-                raise
-            dht.kill()
+    # it logs "... use --initial_peers /ip4/127.0.0.1/tcp/N/p2p/12D3KooW..." at INFO: say so explicitly, whatever
+    # HIVEMIND_LOGLEVEL this test process happens to hold
+    dht = procs.start(
+        console("hivemind-dht") + ["--host_maddrs", LOOPBACK], name="hivemind-dht", env={"HIVEMIND_LOGLEVEL": "INFO"}
+    )
+    boot_maddr = dht.maddr(timeout=60)
     peer = procs.start(peer_args(boot_maddr, write_corpus(tmp_path / "corpus"), tmp_path / "cache"), name="peer")
     peer_id = peer.wait_for(r"initial-peers /ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+)", 90).group(1)
     with dht_client(boot_maddr) as calls:

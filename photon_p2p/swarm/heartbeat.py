@@ -8,6 +8,7 @@ publisher thread also keeps the run's manifest and its entry in the list of runs
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Any
@@ -31,6 +32,7 @@ HEARTBEAT_PERIOD = 3.0
 HEARTBEAT_TTL = 12.0  # a peer that stops beating disappears from everyone's view within this many seconds
 REPUBLISH_EVERY = 10  # heartbeats between manifest / run-list / contribution refreshes
 CONTRIBUTION_TTL = 7 * 24 * 3600.0  # the leaderboard remembers a peer for a week after its last round
+CONTRIBUTION_PERIOD = 30.0  # seconds between contribution updates in the DHT (and one more at every stop)
 
 
 def heartbeat_key(run_id: str) -> str:
@@ -121,6 +123,7 @@ class HeartbeatPublisher:
         self.failures = 0
         self._contribution: dict[str, Any] | None = None  # set by contribute(); published with the heartbeats
         self._contribution_dirty = False
+        self._contribution_sent = -math.inf
 
     def start(self) -> HeartbeatPublisher:
         self._thread.start()
@@ -133,13 +136,13 @@ class HeartbeatPublisher:
             self._wake.set()
 
     def contribute(self, *, tokens: int, rounds: int, rounds_averaged: int, first_seen: float) -> None:
-        """This peer's running totals (the leaderboard entry); published by the heartbeat thread."""
+        """This peer's running totals (the leaderboard entry). Published by the heartbeat thread at most every
+        CONTRIBUTION_PERIOD seconds (short rounds must not multiply DHT stores), and once more on the way out."""
         with self._lock:
             self._contribution = dict(
                 tokens=tokens, rounds=rounds, rounds_averaged=rounds_averaged, first_seen=first_seen
             )
             self._contribution_dirty = True
-        self._wake.set()
 
     def publish_contribution(self, timeout: float = 10.0) -> bool:
         from hivemind.utils.timed_storage import get_dht_time
@@ -186,7 +189,10 @@ class HeartbeatPublisher:
         beats = 0
         while not self._stop.is_set():
             self.publish_once()
-            if self._contribution_dirty or beats % REPUBLISH_EVERY == 0:
+            now = time.monotonic()
+            due = self._contribution_dirty and now - self._contribution_sent >= CONTRIBUTION_PERIOD
+            if due or beats % REPUBLISH_EVERY == 0:
+                self._contribution_sent = now
                 self.publish_contribution()
             if beats % REPUBLISH_EVERY == 0:
                 try:
