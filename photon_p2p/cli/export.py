@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -63,30 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def find_checkpoint(spec: str) -> Path:
-    """A step directory as given, or the latest one inside a checkpoint directory."""
-    from photon_p2p.train.checkpoint import latest_checkpoint
-
-    path = Path(spec)
-    if not path.exists():
-        raise CheckpointError(
-            f"{path}: no such directory; give a --checkpoint-dir of photon-peer or a step-XXXXXXXX directory inside it"
-        )
-    if not path.is_dir():
-        raise CheckpointError(
-            f"{path}: not a directory; give a --checkpoint-dir of photon-peer or a step-XXXXXXXX directory inside it"
-        )
-    if (path / "meta.json").exists() or re.fullmatch(r"step-\d{8,}", path.name):
-        return path  # one checkpoint (load_checkpoint explains what is wrong with an incomplete one)
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(
-            f"{path}: holds no checkpoint (no step-XXXXXXXX directory); "
-            f"train with photon-peer --checkpoint-dir {path} first"
-        )
-    return latest
-
-
 def check_output(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise CheckpointError(f"--output {path}: already exists and is not empty; choose a new directory or remove it")
@@ -94,6 +69,8 @@ def check_output(path: Path) -> None:
 
 def export(args: argparse.Namespace) -> int:
     out = Path(args.output)
+    from photon_p2p.train.checkpoint import find_checkpoint
+
     step_dir = find_checkpoint(args.checkpoint)
     check_output(out)  # before the slow part: loading and hashing a large checkpoint
 

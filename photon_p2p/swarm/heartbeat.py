@@ -43,24 +43,30 @@ def contribution_key(run_id: str) -> str:
     return f"photon.{run_id}.contributions"
 
 
-def read_contributions(calls: DHTCalls, run_id: str, rejects: RejectCounter) -> dict[str, Contribution]:
-    """Every peer's signed contribution record (the leaderboard), by peer ID; invalid ones dropped and counted."""
-    found = calls.get(contribution_key(run_id), latest=True)
+def _read_per_peer(calls: DHTCalls, key: str, schema: type, what: str, run_id: str, rejects: RejectCounter) -> dict:
+    """Signed per-peer records under ``key`` by peer ID: each signed by the peer its subkey names, about this run.
+    Malformed, forged or mislabelled ones are dropped and counted as ``what``."""
+    found = calls.get(key, latest=True)
     entries = found.value if found is not None and isinstance(found.value, dict) else {}
-    out: dict[str, Contribution] = {}
+    out = {}
     for subkey, item in entries.items():
         if not isinstance(subkey, str):
-            rejects.add("contribution", "subkey is not a peer ID")
+            rejects.add(what, "subkey is not a peer ID")
             continue
         try:
-            rec, _ = open_record(getattr(item, "value", None), Contribution, signer=subkey)
+            rec, _ = open_record(getattr(item, "value", None), schema, signer=subkey)
             if rec.peer_id != subkey or rec.run_id != run_id:
                 raise RecordRejected("peer or run id does not match its key")
         except RecordRejected as e:
-            rejects.add("contribution", e.reason)
+            rejects.add(what, e.reason)
             continue
         out[subkey] = rec
     return out
+
+
+def read_contributions(calls: DHTCalls, run_id: str, rejects: RejectCounter) -> dict[str, Contribution]:
+    """Every peer's signed contribution record (the leaderboard), by peer ID; invalid ones dropped and counted."""
+    return _read_per_peer(calls, contribution_key(run_id), Contribution, "contribution", run_id, rejects)
 
 
 def read_heartbeats(
@@ -68,23 +74,8 @@ def read_heartbeats(
 ) -> dict[str, Heartbeat]:
     """Live peers of a run by peer ID (and, with ``include_left``, the goodbyes of those that left). Malformed,
     forged or mislabelled records are dropped and counted."""
-    found = calls.get(heartbeat_key(run_id), latest=True)
-    entries = found.value if found is not None and isinstance(found.value, dict) else {}
-    out: dict[str, Heartbeat] = {}
-    for subkey, item in entries.items():
-        if not isinstance(subkey, str):
-            rejects.add("heartbeat", "subkey is not a peer ID")
-            continue
-        try:
-            hb, _ = open_record(getattr(item, "value", None), Heartbeat, signer=subkey)
-            if hb.peer_id != subkey or hb.run_id != run_id:
-                raise RecordRejected("peer or run id does not match its key")
-        except RecordRejected as e:
-            rejects.add("heartbeat", e.reason)
-            continue
-        if include_left or hb.stage != "left":
-            out[subkey] = hb
-    return out
+    beats = _read_per_peer(calls, heartbeat_key(run_id), Heartbeat, "heartbeat", run_id, rejects)
+    return {k: hb for k, hb in beats.items() if include_left or hb.stage != "left"}
 
 
 class HeartbeatPublisher:

@@ -267,6 +267,28 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
 # rebuilding what a checkpoint describes (for export and inspection)
 
 
+def find_checkpoint(spec: str) -> Path:
+    """A step directory as given, or the latest one inside a checkpoint directory."""
+    path = Path(spec)
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: no such directory; give a --checkpoint-dir of photon-peer or a step-XXXXXXXX directory inside it"
+        )
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path}: not a directory; give a --checkpoint-dir of photon-peer or a step-XXXXXXXX directory inside it"
+        )
+    if (path / "meta.json").exists() or re.fullmatch(r"step-\d{8,}", path.name):
+        return path  # one checkpoint (load_checkpoint explains what is wrong with an incomplete one)
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(
+            f"{path}: holds no checkpoint (no step-XXXXXXXX directory); "
+            f"train with photon-peer --checkpoint-dir {path} first"
+        )
+    return latest
+
+
 WEIGHT_SOURCES = ("auto", "theta", "local")
 
 

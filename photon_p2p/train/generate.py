@@ -48,8 +48,7 @@ def load_model(spec: str, weights: str = "auto") -> LoadedModel:
     """A photon-export folder, one checkpoint (step-XXXXXXXX), or a --checkpoint-dir (its latest checkpoint).
 
     ``weights`` picks the weights of a swarm checkpoint (see model_from_checkpoint): auto, theta or local."""
-    from photon_p2p.cli.export import find_checkpoint
-    from photon_p2p.train.checkpoint import latest_checkpoint
+    from photon_p2p.train.checkpoint import find_checkpoint, latest_checkpoint
 
     path = Path(spec)
     if not path.exists():
