@@ -52,6 +52,9 @@ lint-only:
 
 bench: install
 	$(BIN)/python bench/local_step.py
+	$(BIN)/python bench/scale.py --quick
+	-$(BIN)/python bench/wan.py --quick  # needs root (network namespaces); says so and exits 2 without
+	$(BIN)/python bench/convergence.py --quick
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

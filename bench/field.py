@@ -69,7 +69,9 @@ class Fleet:
     def start(self, host: str, argv: list[str]) -> subprocess.Popen:
         d = self.workdir / host
         d.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, TMPDIR=tempfile.mkdtemp(prefix=f"pf-{host[:6]}-", dir="/tmp"), PYTHONUNBUFFERED="1")
+        tmp = d / "tmp"  # the process's temporary files go with its run directory, not loose in /tmp
+        tmp.mkdir(exist_ok=True)
+        env = dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
         with (d / "out.log").open("wb") as out:
             proc = subprocess.Popen(
                 self.tb.wrap(host, argv), cwd=d, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
