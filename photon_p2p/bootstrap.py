@@ -101,6 +101,13 @@ class BootstrapConfig(Section):
         "makes the page public: it has no authentication",
     )
     serve_period: float = opt(5.0, metavar="SEC", help="with --serve: seconds between the dashboard's DHT reads")
+    token: str | None = opt(
+        None,
+        metavar="FILE",
+        help="make this node serve one private run: the token its owner issued for this node's peer ID "
+        "(photon-bootstrap issue-token --peer-identity THIS_IDENTITY_FILE ...); needs --identity-path. The node "
+        "then answers only peers holding valid tokens of that run, and stops when its own token expires",
+    )
 
     def validate(self) -> None:
         self.require("host_maddrs", bool(self.host_maddrs), "give at least one address to listen on")
@@ -120,6 +127,8 @@ class BootstrapConfig(Section):
             except ConfigError:
                 self.fail("serve", SERVE_HINT)
         self.require("serve_period", self.serve_period >= 1, "must be at least 1 second")
+        if self.token is not None and not self.identity_path:
+            self.fail("token", "needs --identity-path: a token is issued for one peer ID, i.e. one identity file")
 
 
 SECTIONS: tuple[type[Section], ...] = (BootstrapConfig,)
@@ -189,9 +198,11 @@ def paste_line(maddrs: list[str]) -> str:
 def run_bootstrap(cfg: BootstrapConfig, *, out: TextIO | None = None) -> int:
     """Run the node until SIGINT/SIGTERM (exit 0); raise SwarmError if it cannot start or its DHT process dies."""
     quiet_hivemind(cfg.log_level)
-    from photon_p2p.swarm.dht import DHTCalls, start_dht, stop_dht, visible_maddrs
+    from photon_p2p.swarm.access import format_time, install_log_filter, open_access, start_dht_with_access
+    from photon_p2p.swarm.dht import DHTCalls, stop_dht, visible_maddrs
     from photon_p2p.swarm.identity import Identity
 
+    install_log_filter()
     out = out or sys.stdout
     dht = dashboard = None
     try:
@@ -205,18 +216,27 @@ def run_bootstrap(cfg: BootstrapConfig, *, out: TextIO | None = None) -> int:
                 "no --identity-path: this node gets a new peer ID on every start, so the addresses it "
                 "prints stop working after a restart; pass --identity-path FILE for a stable one"
             )
+        access = open_access(cfg.token, identity, alone=not cfg.initial_peers, who="this node")
         reachability = None if cfg.force_reachability == "auto" else cfg.force_reachability
-        dht = start_dht(
+        dht = start_dht_with_access(
+            access,
+            identity,
             initial_peers=cfg.initial_peers,
             host_maddrs=cfg.host_maddrs,
             announce_maddrs=cfg.announce_maddrs,
-            identity=identity,
             client_mode=False,
             use_relay=cfg.relay,
             use_auto_relay=cfg.use_auto_relay,
             join_timeout=cfg.join_timeout,
             force_reachability=reachability,
         )
+        if access is not None:
+            logger.info(
+                "private run %s (owner %s): only peers with its tokens are answered; this node's token expires %s",
+                access.run_id,
+                access.token.owner,
+                format_time(access.token.expires_at),
+            )
         maddrs = visible_maddrs(dht)
         peer_id = maddrs[0].rsplit("/p2p/", 1)[-1]
         logger.info(
@@ -229,7 +249,7 @@ def run_bootstrap(cfg: BootstrapConfig, *, out: TextIO | None = None) -> int:
         if cfg.serve is not None:
             dashboard = start_dashboard(calls, *parse_serve(cfg.serve), period=cfg.serve_period)
             print(f"dashboard at {dashboard.url} (Ctrl-C to stop)", file=out, flush=True)
-        _serve(dht, calls, cfg.status_period)
+        _serve(dht, calls, cfg.status_period, access)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (GracefulExit): the normal way to stop a service
         logger.info("shutting down")
     finally:
@@ -262,10 +282,18 @@ def start_dashboard(calls: Any, host: str, port: int, *, period: float) -> Any:
     return Dashboard(snapshot, list_runs=runs, period=period).start(host, port)
 
 
-def _serve(dht: Any, calls: Any, period: float) -> None:
+def _serve(dht: Any, calls: Any, period: float, access: Any = None) -> None:
     reporter = StatusReporter(dht, calls)
     next_report = time.monotonic()
     while True:
+        if access is not None and access.token.expires_at <= time.time():
+            from photon_p2p.swarm.access import format_time
+
+            raise SwarmError(
+                f"run {access.run_id}: this node's token expired {format_time(access.token.expires_at)}; ask the "
+                f"run's owner for a new one (photon-bootstrap issue-token --peer-identity {access.identity.path}) "
+                f"and restart with --token NEW_FILE"
+            )
         if not dht.is_alive():
             raise SwarmError(
                 f"the DHT process died unexpectedly (exit code {dht.exitcode}); restart photon-bootstrap "

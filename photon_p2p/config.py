@@ -314,6 +314,7 @@ class LogConfig(Section):
 
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+PEER_ID_PATTERN = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{8,128}$")  # base58, as libp2p prints peer IDs
 
 
 @dataclass(kw_only=True)
@@ -330,6 +331,13 @@ class SwarmConfig(Section):
         "by every peer)",
     )
     run_id: str = opt("photon", metavar="NAME", help="which run to join or start (letters, digits, '-' and '_')")
+    run_owner: str | None = opt(
+        None,
+        metavar="PEER_ID",
+        help="the peer ID of the run's owner (its creator prints 'join with --run-id X --run-owner Qm...'): a "
+        "manifest signed by anyone else is refused. Without it a peer accepts the run it finds and pins that owner "
+        "in its checkpoint",
+    )
     host_maddrs: list[str] = opt(
         default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"],
         metavar="MULTIADDR",
@@ -348,8 +356,17 @@ class SwarmConfig(Section):
     client_mode: bool = opt(
         False, help="do not accept incoming connections (behind NAT/firewall): join through relays and peers that do"
     )
+    token: str | None = opt(
+        None,
+        metavar="FILE",
+        help="join a private run: the token its owner issued for this peer's ID (photon-bootstrap issue-token "
+        "--peer ID); it names the run and the owner's public key, so use the --identity-path it was issued for. "
+        "The peer stops cleanly (checkpoint saved) when the token expires",
+    )
     use_auto_relay: bool = opt(False, help="look for relays to become reachable from behind NAT")
-    join_timeout: float = opt(30.0, metavar="SEC", help="give up if no initial peer answers within this time")
+    join_timeout: float = opt(
+        60.0, metavar="SEC", help="give up if no initial peer answers within this time (a loaded machine needs a while)"
+    )
     join_existing: bool = opt(
         False,
         help="refuse to start a new run: fail if --run-id is not running yet (a typo "
@@ -373,11 +390,18 @@ class SwarmConfig(Section):
 
     def validate(self) -> None:
         self.require("run_id", bool(RUN_ID_PATTERN.match(self.run_id)), "use 1-64 letters, digits, '-' or '_'")
+        self.require(
+            "run_owner",
+            self.run_owner is None or bool(PEER_ID_PATTERN.match(self.run_owner)),
+            "expected the peer ID the run's creator prints (base58: QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N)",
+        )
         self.require("join_timeout", self.join_timeout > 0, "must be > 0")
         self.require("wait_for_peers", self.wait_for_peers >= 1, "must be >= 1")
         self.require("wait_for_peers_timeout", self.wait_for_peers_timeout > 0, "must be > 0")
         if self.local_only and self.initial_peers:
             raise ConfigError("--local-only and --initial-peers contradict each other: choose one")
+        if self.local_only and self.token:
+            raise ConfigError("--local-only and --token contradict each other: a token is for joining a private run")
 
 
 @dataclass(kw_only=True)
@@ -421,6 +445,20 @@ class RoundConfig(Section):
         "(4x fewer bytes than fp32; pays off on slow links)",
         shared=True,
     )
+    robust_aggregation: bool = opt(
+        True,
+        help="reducers clip each peer's part of the update to --robust-clip x the median norm across the group and "
+        "drop parts pointing away from the others (bounds a hostile or broken peer; --no-robust-aggregation "
+        "averages plainly)",
+        shared=True,
+    )
+    robust_clip: float = opt(
+        2.0,
+        metavar="K",
+        help="with --robust-aggregation: clip each part to K x the median norm of that part across the group. "
+        "Increase it if honest peers of very different speeds show up as clipped",
+        shared=Shared(ge=1),
+    )
     target_group_size: int | None = opt(
         None, metavar="N", help="largest all-reduce group (default: everyone ready for the round)"
     )
@@ -462,6 +500,7 @@ class RoundConfig(Section):
             "target_group_size", self.target_group_size is None or self.target_group_size >= 2, "must be at least 2"
         )
         self.require("min_group_size", self.min_group_size >= 1, "must be at least 1")
+        self.require("robust_clip", 1.0 <= self.robust_clip <= 1e6, "must be in [1, 1e6]")
         if self.target_group_size is not None and self.min_group_size > self.target_group_size:
             self.fail("min_group_size", f"must not exceed --target-group-size ({self.target_group_size})")
         self.require("matchmaking_time", self.matchmaking_time >= 1.0, "must be at least 1 second")

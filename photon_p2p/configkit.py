@@ -118,6 +118,21 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+# TOML's integers are 64-bit (tomllib reads any size): a bigger one could not travel in a manifest (msgpack) anyway
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+
+def _int_flag(text: str) -> int:
+    """argparse type for integer flags: the same 64-bit range as TOML."""
+    value = int(text)
+    if not INT_MIN <= value <= INT_MAX:
+        raise ValueError(text)
+    return value
+
+
+_int_flag.__name__ = "int"  # argparse's message: "invalid int value: '...'"
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check one TOML value against the field's type; ints are accepted for floats."""
     inner, optional = _unwrap_optional(tp)
@@ -143,10 +158,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if inner is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} = {value!r}: expected a number")
+        if isinstance(value, int) and not INT_MIN <= value <= INT_MAX:
+            raise ConfigError(f"{where} = {value}: out of range")  # float() of a huge int raises OverflowError
         return float(value)
     if inner is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} = {value!r}: expected an integer")
+        if not INT_MIN <= value <= INT_MAX:
+            raise ConfigError(f"{where} = {value}: out of range (at most {INT_MAX})")
         return value
     if inner is str:
         if not isinstance(value, str):
@@ -233,6 +252,8 @@ def add_section_arguments(parser: argparse.ArgumentParser, sections: tuple[type[
                 if origin is Literal:
                     kwargs["choices"] = typing.get_args(tp)
                     tp = str
+                if tp is int:
+                    tp = _int_flag
                 if f.metadata.get("none_as"):
                     help_ += f" (default: {f.metadata['none_as']})" if default is None else ""
                     tp = _or_word(tp, f.metadata["none_as"])

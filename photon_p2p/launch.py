@@ -27,7 +27,9 @@ from photon_p2p.runtime import signal_group, stop_groups
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-STARTUP_TIMEOUT = 60.0
+# a bootstrap that dies is noticed at once (_wait_for_maddr checks it is alive); this only bounds one that hangs.
+# Importing torch and hivemind and starting p2pd took over 60 s on 2 loaded cores, hence the margin.
+STARTUP_TIMEOUT = 180.0
 
 
 @dataclass
@@ -127,8 +129,9 @@ def _wait_for_maddr(member: Member, timeout: float) -> str:
         if not member.alive():
             break
         time.sleep(0.2)
-    tail = member.log.read_text(errors="replace")[-2000:]
-    raise ConfigError(f"the bootstrap node did not start (see {member.log}):\n{tail}")
+    # errors are one line (cli/common.py escapes newlines): the log's last line says why, the log has the rest
+    last = (member.log.read_text(errors="replace").strip().splitlines() or ["(empty log)"])[-1]
+    raise ConfigError(f"the bootstrap node did not start (see {member.log}): {last}")
 
 
 def _console(name: str) -> list[str]:

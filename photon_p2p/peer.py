@@ -59,11 +59,13 @@ def _identity_path(cfg: RunConfig, scratch: Path) -> Path:
     return scratch / "identity.key"
 
 
-def _print_join_hint(maddrs: list[str], run_id: str) -> None:
+def _print_join_hint(maddrs: list[str], run_id: str, owner: str) -> None:
+    """The line a volunteer pastes: the run is named by its id and its owner's peer ID (so nobody can divert them
+    to another run under the same id)."""
     joined = " ".join(maddrs)
     print(
         f"peer is up; others can join this run with:\n  photon-peer --initial-peers {joined} --run-id {run_id} "
-        f"--data YOUR_DATA",
+        f"--run-owner {owner} --data YOUR_DATA",
         file=sys.stderr,
         flush=True,
     )
@@ -71,19 +73,22 @@ def _print_join_hint(maddrs: list[str], run_id: str) -> None:
 
 def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
     quiet_hivemind(cfg.log.log_level)
+    from photon_p2p.swarm.access import install_log_filter, open_access, start_dht_with_access, watch_expiry
     from photon_p2p.swarm.averager import PhotonAverager, averager_settings
-    from photon_p2p.swarm.dht import DHTCalls, start_dht, stop_dht, visible_maddrs
+    from photon_p2p.swarm.dht import DHTCalls, stop_dht, visible_maddrs
     from photon_p2p.swarm.heartbeat import HeartbeatPublisher
     from photon_p2p.swarm.identity import Identity
     from photon_p2p.swarm.loop import PeerLoop
     from photon_p2p.swarm.manifest import adopt_manifest, agree_on_manifest, build_manifest
     from photon_p2p.swarm.records import RejectCounter
+    from photon_p2p.swarm.robust import round_weight_bound
     from photon_p2p.swarm.state import theta_from_model
     from photon_p2p.swarm.view import SwarmView
 
+    install_log_filter()
     show = progress_enabled(cfg.log.progress)
     scratch = tempfile.TemporaryDirectory(prefix="photon-peer-")
-    dht = averager = heartbeat = view = None
+    dht = averager = heartbeat = view = expiry = None
     metrics = MetricsWriter(None)
     try:
         # everything that can fail on bad local input fails here, before any process is started
@@ -102,21 +107,34 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
         )
 
         sw = cfg.swarm
-        dht = start_dht(
+        access = open_access(sw.token, identity, alone=not sw.initial_peers, run_id=sw.run_id)
+        dht = start_dht_with_access(
+            access,
+            identity,
             initial_peers=sw.initial_peers,
             host_maddrs=sw.host_maddrs,
             announce_maddrs=sw.announce_maddrs,
-            identity=identity,
             client_mode=sw.client_mode,
             use_auto_relay=sw.use_auto_relay,
             join_timeout=sw.join_timeout,
         )
         calls = DHTCalls(dht)
         maddrs = visible_maddrs(dht)
-        if not sw.client_mode:
-            _print_join_hint(maddrs, sw.run_id)
         proposal = build_manifest(cfg, proposal_tokenizer, proposal_args)
-        run = agree_on_manifest(calls, identity, proposal, explicit, join_existing=sw.join_existing)
+        pinned = resume.state.get("run_owner") if resume is not None else None
+        run = agree_on_manifest(
+            calls,
+            identity,
+            proposal,
+            explicit,
+            join_existing=sw.join_existing,
+            owner=sw.run_owner,
+            pinned_owner=pinned if isinstance(pinned, str) else None,
+        )
+        if not sw.client_mode:
+            _print_join_hint(maddrs, sw.run_id, run.record.creator)
+        elif run.record.creator == identity.peer_id.to_base58():
+            print(f"join with --run-id {sw.run_id} --run-owner {run.record.creator}", file=sys.stderr, flush=True)
         cfg, tokenizer, model_args = adopt_manifest(cfg, run.manifest)
         # planned again for the run's settings, before theta is allocated (on a CPU peer theta shares the memory);
         # a GPU peer's device is planned by LocalSession, after the forks
@@ -141,6 +159,9 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
             prefix=f"photon_{sw.run_id}_{run.hash[:12]}",
             compression=make_compression(rc.compression),
             get_state_meta=lambda: holder["engine"].state_meta(),
+            access=access,
+            max_weight=round_weight_bound(cfg, model_args.max_seq_len),
+            robust_clip=rc.robust_clip if rc.robust_aggregation else None,
             start=True,
             allow_state_sharing=False,
             declare_state_period=10.0,
@@ -164,6 +185,7 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
             maddrs=maddrs,
         ).start()
         heartbeat.update(round=start_round, stage="starting", publish_now=True)
+        expiry = watch_expiry(access) if access is not None else None
         rejects = RejectCounter()
         view = SwarmView(calls, sw.run_id, run.hash, identity.peer_id.to_base58(), rejects).start()
         session = LocalSession(cfg, tokenizer=tokenizer, model_args=model_args, progress=show, plan=plan)
@@ -192,6 +214,8 @@ def run_swarm_peer(cfg: RunConfig, explicit: set[str]) -> dict[str, Any]:
         view.refresh()
         return engine.loop(metrics)
     finally:
+        if expiry is not None:
+            expiry.cancel()
         if view is not None:
             view.stop()
         if heartbeat is not None:
@@ -220,6 +244,12 @@ def _restore_global(ckpt: Checkpoint, run, theta: list[torch.Tensor], outer) -> 
         raise CheckpointError(
             f"checkpoint {ckpt.path} belongs to another run ({what}); resume with the settings it "
             f"was written with, or use another --checkpoint-dir or --run-id"
+        )
+    owner = ckpt.state.get("run_owner")
+    if owner is not None and owner != run.record.creator:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} belongs to the run owned by {owner}, not to this one (owner "
+            f"{run.record.creator}); use --run-owner {owner}, or another --checkpoint-dir"
         )
     saved_theta, saved_outer = ckpt.tensors["theta"], ckpt.tensors.get("outer", {})
     with torch.no_grad():

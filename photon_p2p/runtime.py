@@ -116,6 +116,9 @@ class DeferredStop:
 # (the peer goes on alone or re-syncs) that we report in our own words.
 _EXPECTED_HIVEMIND_NOISE = (
     "could not find a group",
+    # our averager's refusal of a group that straddles a round boundary (swarm/averager.py); under churn a
+    # newcomer's first group often does, and swarm/rounds.py retries and logs it as one warning line
+    "group members are at different rounds",
     "recommended to set target_group_size",
     # hivemind's prefetching iterator, when a groupmate dies mid-all-reduce
     "Task was destroyed but it is pending",

@@ -76,12 +76,15 @@ def _tokenizer_info(manifest: Any) -> tuple[str, int | None]:
     return tok.name, tok.vocab_size
 
 
-def manifest_summary(run: Any, candidates: int = 1) -> dict[str, Any]:
+def manifest_summary(run: Any, candidates: int = 1, owners: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """``owners``: each distinct (owner, manifest hash) published under the run id (one, unless a run is contested)."""
     m = run.manifest
     tokenizer, vocab = _tokenizer_info(m)
     return {
         "hash": run.hash,
         "creator": run.record.creator,
+        "owner": run.record.creator,  # with the run id, what names the run: volunteers pass it as --run-owner
+        "owners": owners or [{"owner": run.record.creator, "hash": run.hash}],
         "created_at": run.record.created_at,
         "protocol": m.protocol,
         "software": m.software,
@@ -171,7 +174,10 @@ def gather(calls: Any, run_id: str, *, attempts: int = 2, known: dict[str, Any] 
         if attempt + 1 < attempts:
             time.sleep(1.0)
     if candidates:
-        manifest = manifest_summary(pick_canonical(candidates), len(candidates))
+        owners = sorted({(c.record.creator, c.hash) for c in candidates})
+        manifest = manifest_summary(
+            pick_canonical(candidates), len(candidates), [{"owner": o, "hash": h} for o, h in owners]
+        )
     elif known is not None:
         manifest = known
     else:
@@ -243,6 +249,8 @@ def render(status: dict[str, Any]) -> str:
         f"d_model {shape['d_model']}, seq {shape['max_seq_len']}); tokenizer {_clean(m['tokenizer'])}{vocab}",
         f"{schedule}, outer {m['outer_optimizer']} lr {m['outer_lr']:g}, compression {m['compression']}, "
         f"max steps {m['max_steps']:,}, batch {m['batch_size']}, inner lr {m['lr']:g}",
+        f"owner {_clean(m.get('owner', m['creator']))} (volunteers join with --run-id {_clean(status['run_id'])} "
+        f"--run-owner {_clean(m.get('owner', m['creator']))})",
         "",
     ]
     peers = status["peers"]
@@ -297,7 +305,14 @@ def render(status: dict[str, Any]) -> str:
         lines += _table(header, rows, numeric={1, 2, 3})
         if len(board) > LEADERBOARD_ROWS:
             lines.append(f"... and {len(board) - LEADERBOARD_ROWS} more (--json lists all)")
-    if m.get("candidates", 1) > 1:
+    contested = {o["hash"] for o in m.get("owners", [])}
+    if len(contested) > 1:
+        listed = "; ".join(f"{_clean(o['owner'])} (manifest {_clean(o['hash'][:12])})" for o in m["owners"])
+        lines.append(
+            f"warning: manifests with different settings were published under this run id by: {listed}; peers "
+            f"refuse to join without --run-owner. Showing the earliest"
+        )
+    elif m.get("candidates", 1) > 1:
         lines.append(
             f"note: {m['candidates']} valid manifests were published for this run; showing the canonical (earliest) one"
         )

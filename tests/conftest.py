@@ -36,3 +36,18 @@ def _ctrl_c_reaches_children():
 
     with default_sigint():
         yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _sigterm_is_ctrl_c():
+    """SIGTERM to pytest (a CI time limit, ``kill``) unwinds like Ctrl-C, so fixture teardown stops the processes a
+    test started. Each runs in its own process group and would otherwise outlive pytest: an interrupted run once
+    left whole swarms training for an hour, and their load made later tests time out."""
+    import signal
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    yield
+    signal.signal(signal.SIGTERM, previous)

@@ -3,11 +3,15 @@
 Proves: the result is the token-weighted mean of the members' deltas (checked against a hand computation); every
 member ends with bit-identical values with and without compression (fp16, blockwise 8-bit within their error);
 the bytes counted per round shrink with compression as expected; a member that offers NaN is excluded by the
-reducers and the others finish with the remaining deltas; members holding different theta merge it.
+reducers and the others finish with the remaining deltas; members holding different theta merge it; a step that
+hivemind cancels internally reaches the caller as an ordinary Exception (RemoteCancelled), not a BaseException;
+a leader (join) and a reducer (parts) keep a stream open after their last message until the other end has closed
+it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -15,6 +19,7 @@ import torch
 
 from photon_p2p.peer import make_compression
 from photon_p2p.swarm.averager import PHASE_STATE, PhotonAllReduceRunner, PhotonAverager, averager_settings
+from photon_p2p.swarm.dht import RemoteCancelled, remote_result
 from photon_p2p.swarm.records import RoundGather
 
 N_VALUES = 200_000  # several parts per peer at the default 512 KiB part size
@@ -59,7 +64,10 @@ def _run(deltas, thetas, weights, compression="none", hashes=None, timeout=40.0,
             round=0, theta_hash=(hashes or ["same"] * n)[i], tokens=int(weights[i]), steps=1
         ).model_dump()
         try:
-            results[i] = avgs[i].step(gather=gather, weight=weights[i], timeout=timeout)
+            # as rounds.py reads it: through remote_result, which makes every failure an Exception
+            results[i] = remote_result(
+                avgs[i].step(gather=gather, weight=weights[i], timeout=timeout, wait=False, allow_retries=False)
+            )
         except Exception as e:  # recorded for the assertions
             results[i] = e
 
@@ -188,3 +196,83 @@ def test_theta_merge_is_all_or_nothing_when_a_reducer_fails():
         assert kept or whole, f"member {i} holds a partial merge"
         assert kept == r["reconcile_failed"], (i, r["reconcile_failed"])
         assert not r["reconciled"] or whole
+
+
+class _CancelledInside(PhotonAverager):
+    """hivemind cancelling a coroutine of its own mid-step, as its matchmaking did under load in CI (the group future
+    it awaited was cancelled): its ``_step`` puts the ``asyncio.CancelledError`` into the step's future."""
+
+    async def _aggregate_with_group(self, *args, **kwargs):
+        raise asyncio.CancelledError()
+
+
+def test_a_step_hivemind_cancels_internally_is_an_ordinary_failed_call():
+    """That error reaches the peer as a BaseException, which ``except Exception`` lets through: it killed a peer
+    mid-run. Read through remote_result it is a RemoteCancelled, an Exception like any other failed attempt."""
+    deltas, thetas = _data(2, seed=5)
+    results, after = _run(deltas, thetas, [1.0, 1.0], classes=[_CancelledInside] * 2)
+    assert all(isinstance(r, RemoteCancelled) for r in results), results
+    assert issubclass(RemoteCancelled, Exception)
+    for a, d in zip(after, deltas, strict=True):  # nothing was averaged: each member keeps its own delta
+        assert all(torch.equal(x, y) for x, y in zip(a[:2], d, strict=True))
+
+
+@pytest.mark.parametrize("handler", ["rpc_join_group", "rpc_aggregate_part"])
+def test_the_last_message_on_a_stream_is_not_followed_by_a_reset(handler):
+    """When a handler returned, p2pd closed its stream, which resets it, and a reset discards what the other end's
+    daemon had not yet passed on: a busy follower lost BEGIN_ALLREDUCE (its leader counted it into a group it never
+    joined: CI, last rounds), and a busy sender lost a reducer's last averaged parts ("sent 10 parts, expected 11",
+    a few times per suite run), which cost it that reducer's whole slice. Here a real averager answers with a
+    last message (a join refused: not looking for a group; a part for a group it does not run) and the stream stays
+    open after it until the caller closes it, so nothing sent can be reset away before the caller has read it.
+    The senders close their end after the last part they expect (PhotonAllReduceRunner), which ends the wait."""
+    from hivemind.p2p import P2P
+    from hivemind.proto import averaging_pb2
+
+    dht = _swarm(1)[0]
+    avg = PhotonAverager(
+        [torch.zeros(4)],
+        [torch.zeros(4)],
+        dht,
+        prefix="linger",
+        compression=make_compression("none"),
+        get_state_meta=dict,
+        start=True,
+        **averager_settings(matchmaking_time=3.0, allreduce_timeout=10.0, target_group_size=2, chunk_timeout=4.0),
+    )
+
+    async def ask() -> tuple[int, str]:
+        p2p = await P2P.create(initial_peers=[str(a) for a in dht.get_visible_maddrs()])
+        try:
+            stub = PhotonAverager.get_stub(p2p, dht.peer_id, namespace="linger")
+            if handler == "rpc_join_group":
+                stream = await stub.rpc_join_group(averaging_pb2.JoinRequest(schema_hash=b"x", expiration=0.0))
+            else:
+                part = averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING, group_id=b"no such group")
+                stream = await stub.rpc_aggregate_part(_aiter(part))
+            first = await asyncio.wait_for(stream.__anext__(), timeout=10)
+            try:
+                await asyncio.wait_for(stream.__anext__(), timeout=2.0)
+                after = "another message"
+            except StopAsyncIteration:
+                after = "closed"
+            except TimeoutError:
+                after = "open"
+            await stream.aclose()
+            return first.code, after
+        finally:
+            await p2p.shutdown()
+
+    try:
+        code, after = asyncio.run(ask())
+    finally:
+        avg.shutdown()
+        dht.shutdown()
+    expected = averaging_pb2.NOT_LOOKING_FOR_GROUP if handler == "rpc_join_group" else averaging_pb2.BAD_GROUP_ID
+    assert code == expected, averaging_pb2.MessageCode.Name(code)
+    assert after == "open", after  # 2 s after its last message the averager had not closed the stream
+
+
+async def _aiter(*items):
+    for item in items:
+        yield item

@@ -453,16 +453,29 @@ def swarm(tmp_path_factory):
 
 
 def _rows(driver) -> dict[str, tuple[str, str]]:
-    """The peers table as {peer id: (round, step)}; a row the page replaced meanwhile is simply read next time."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
+    """The peers table as {peer id: (round, step)}, read in one script run inside the page.
 
-    out = {}
-    with contextlib.suppress(StaleElementReferenceException):
-        for tr in driver.find_elements(By.CSS_SELECTOR, "#peers tr[data-peer-id]"):
-            cells = {td.get_attribute("data-col"): td.text for td in tr.find_elements(By.TAG_NAME, "td")}
-            out[tr.get_attribute("data-peer-id")] = (cells.get("round", ""), cells.get("step", ""))
-    return out
+    The page re-renders the table every --serve-period (1 s here). Reading it cell by cell over WebDriver costs a
+    round trip per cell, and on two loaded cores a whole read took longer than a period: every read met a replaced
+    row (stale) and came back partial, and the wait timed out with both peers on the server's JSON. One script sees
+    one rendering."""
+    rows = driver.execute_script(
+        """return Array.from(document.querySelectorAll('#peers tr[data-peer-id]')).map(tr => {
+            const cell = col => {
+                const td = tr.querySelector(`td[data-col="${col}"]`);
+                return td ? td.innerText : "";
+            };
+            return [tr.getAttribute('data-peer-id'), cell('round'), cell('step')];
+        });"""
+    )
+    return {peer_id: (round_, step) for peer_id, round_, step in rows}
+
+
+def _run_ids(driver) -> list[str]:
+    """The runs listed, read in one script run (the list is re-rendered every period, like the peers table)."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#runs li')).map(li => li.getAttribute('data-run-id'));"
+    )
 
 
 def _console_errors(driver) -> list[dict]:
@@ -473,16 +486,47 @@ def _console_errors(driver) -> list[dict]:
     return [e for e in entries if e.get("level") == "SEVERE"]
 
 
-def _wait(driver, what: str, predicate, timeout: float = 90):
+def _wait(driver, what: str, predicate, timeout: float = 90, swarm: dict | None = None):
+    """Wait for ``predicate`` on the page; on a timeout, say which of the swarm's processes are still alive and what
+    a dead one printed last (a page that never shows a peer is usually a peer that exited)."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.5).until(lambda d: predicate(d), message=what)
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.5).until(lambda d: predicate(d), message=what)
+    except TimeoutException:
+        if swarm is None:
+            raise
+        procs = [swarm["boot"], *swarm["peers"], swarm["status"]]
+        dead = [f"{p.name} exited:\n{p.output()[-3000:]}" for p in procs if not p.alive()]
+        seen = {}
+        for name in ("boot_url", "status_url"):  # what each server answers now, in short
+            try:
+                with urllib.request.urlopen(swarm[name] + "api/status", timeout=10) as response:
+                    data = json.load(response)
+                status = data.get("status") or {}
+                seen[name] = dict(
+                    runs=data.get("runs"),
+                    run_id=data.get("run_id"),
+                    error=data.get("error"),
+                    peers=[(p.get("peer_id"), p.get("round"), p.get("stage")) for p in status.get("peers", [])],
+                    rejected=status.get("rejected_reasons"),
+                    updated_at=data.get("updated_at"),
+                    now=data.get("now"),
+                )
+            except Exception as e:  # the diagnosis must not hide the timeout
+                seen[name] = repr(e)
+        raise AssertionError(
+            f"{what}: not within {timeout}s; " + ("\n".join(dead) or "every process alive") + f"; servers: {seen}"
+        ) from None
 
 
 @pytest.mark.slow
 def test_status_page_lists_the_peers_and_updates(browser, swarm):  # browser first: skip before starting a swarm
     browser.get(swarm["status_url"])
-    first = _wait(browser, "both peers listed", lambda d: (rows := _rows(d)).keys() >= set(swarm["ids"]) and rows)
+    first = _wait(
+        browser, "both peers listed", lambda d: (rows := _rows(d)).keys() >= set(swarm["ids"]) and rows, swarm=swarm
+    )
     _wait(
         browser,
         "the page updates (a peer's round or step changes)",
@@ -508,9 +552,9 @@ def test_bootstrap_page_lists_the_run(browser, swarm):
     _wait(
         browser,
         "the run listed",
-        lambda d: [li.get_attribute("data-run-id") for li in d.find_elements(By.CSS_SELECTOR, "#runs li")] == [RUN],
+        lambda d: _run_ids(d) == [RUN],
     )
-    _wait(browser, "the only run shown, with both peers", lambda d: _rows(d).keys() >= set(swarm["ids"]))
+    _wait(browser, "the only run shown, with both peers", lambda d: _rows(d).keys() >= set(swarm["ids"]), swarm=swarm)
     assert browser.find_element(By.ID, "run-title").text == f"run {RUN}"
     browser.get(swarm["boot_url"] + "?run=nope")
     _wait(

@@ -59,9 +59,10 @@ def pinned_hash(m: Manifest) -> str:
     [
         # computed before the settings were derived from config.py's ``shared`` fields (hand-written TrainSettings,
         # RoundSettings, _TRAIN_KEYS, _ROUND_KEYS): a different hash here means peers of this version and of the last
-        # one can no longer average together. Change it only on purpose, with PROTOCOL_VERSION.
-        (DEFAULTS, "7b67cba0e19f164d1ced49fc906ad579ed98ac893a31d88e08743c89259b910b"),
-        (CHANGED, "6ce0a377632bc107c8bbdbc5cd370e94807cd015959d50f204494bfa1b709440"),
+        # one can no longer average together. Change it only on purpose, with PROTOCOL_VERSION (changed for protocol 2:
+        # robust_aggregation and robust_clip joined the round table)
+        (DEFAULTS, "6273a0297d95297d7a1270b070f805324a306ccfe9867057e9b5fcc24d70f73f"),
+        (CHANGED, "3b62d781ee2a40344984edb8bfc961dc171ad5f5efd29d01ce5f926962c198ee"),
     ],
     ids=["defaults", "changed"],
 )
@@ -88,6 +89,8 @@ def test_settings_travel_resolved(make_manifest):
         "outer_lr": 0.7,
         "outer_momentum": 0.8,
         "compression": "blockwise8bit",
+        "robust_aggregation": True,
+        "robust_clip": 2.0,
     }
     defaults = make_manifest(DEFAULTS)
     assert (defaults.train.warmup_steps, defaults.round.outer_lr) == (100, 1.0)  # 10% of max_steps; fedavg's lr
@@ -110,6 +113,8 @@ GOOD_ROUND = {
     "outer_lr": 1.0,
     "outer_momentum": 0.9,
     "compression": "fp16",
+    "robust_aggregation": True,
+    "robust_clip": 2.0,
 }
 
 

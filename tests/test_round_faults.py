@@ -143,7 +143,7 @@ def test_a_far_future_round_claim_that_nobody_can_serve_is_ignored(procs, tmp_pa
     from photon_p2p.swarm.heartbeat import heartbeat_key
     from photon_p2p.swarm.identity import Identity
     from photon_p2p.swarm.records import Heartbeat, sign_record
-    from tests.helpers.swarm import dht_client, wait_for_heartbeats
+    from tests.helpers.swarm import dht_client, heartbeat_fields, wait_for_heartbeats
 
     cache = tmp_path / "cache"
     entry = start_bootstrap(procs)
@@ -164,17 +164,15 @@ def test_a_far_future_round_claim_that_nobody_can_serve_is_ignored(procs, tmp_pa
         def lie() -> None:  # a live, validly signed peer that claims a round nobody holds, and serves nothing
             while not stop.is_set():
                 hb = Heartbeat(
-                    peer_id=liar.peer_id.to_base58(),
-                    run_id="liar",
-                    manifest_hash=manifest_hash,
-                    round=1000,
-                    step=1000,
-                    tokens=0,
-                    tokens_per_s=0.0,
-                    stage="training",
-                    device="cpu",
-                    version="0",
-                    time=time.time(),
+                    **heartbeat_fields(
+                        liar.peer_id.to_base58(),
+                        run_id="liar",
+                        manifest_hash=manifest_hash,
+                        round=1000,
+                        step=1000,
+                        tokens_per_s=0.0,
+                        version="0",
+                    )
                 )
                 calls.store(heartbeat_key("liar"), sign_record(hb, liar), get_dht_time() + 12, subkey=hb.peer_id)
                 stop.wait(2.0)

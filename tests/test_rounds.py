@@ -2,7 +2,9 @@
 
 Proves: a peer killed with SIGKILL in the middle of
 an all-reduce does not stop the others, who finish the round and keep training; a lone peer trains on; a late peer
-carries its update into its next round (damped) instead of dropping it, and never pulls the others backwards.
+carries its update into its next round (damped) instead of dropping it, and never pulls the others backwards; a peer
+late for the run's last round, after the others finished and left, applies its own update and finishes instead of
+waiting for them until --quorum-timeout (and only goodbyes of peers seen taking part say that a round closed).
 Faults are injected on purpose (PHOTON_FAULTS, see photon_p2p/swarm/faults.py) and each test checks that the fault
 really happened. Full groups with identical theta, and a volunteer joining a running swarm, are proven on shaped
 links in tests/test_field.py (they replaced the loopback versions of those tests).
@@ -117,6 +119,63 @@ def test_late_peer_carries_its_update_into_the_next_round(procs, tmp_path):
     # back on one theta with the others (what the wait above found), and no round of the late peer's was wasted
     assert any(r >= nxt and a_r.get(r, {}).get("theta_hash") == rec["theta_hash"] for r, rec in late_r.items())
     assert all(rec["wasted_tokens"] == 0 for rec in late_r.values())
+
+
+def test_a_peer_late_for_the_last_round_finishes_once_the_others_have_left(procs, tmp_path):
+    """The run's last round closed without one peer (stalled past the others' patience), and the others finished the
+    run and left. Before: with --min-group-size 2 it waited for them until --quorum-timeout, then failed (a CI run
+    hung 30 minutes). Now it sees from their goodbyes that the round closed, has nobody to re-sync from, applies its
+    own update, and finishes the run with exit 0, its work kept."""
+    entry = start_bootstrap(procs)
+    common = dict(
+        run_id="last",
+        cache=tmp_path / "cache",
+        initial_peers=[entry],
+        local_steps=10,
+        max_steps=40,  # rounds 0-3
+        extra=["--min-group-size", "2", "--wait-for-peers", "3", "--quorum-timeout", "900", "--eval-every", "0"],
+    )
+    a = start_peer(procs, "a", **common)
+    b = start_peer(procs, "b", **common)
+    late = start_peer(procs, "late", **common, env={"PHOTON_FAULTS": "stall_before_average@3:20"})
+    for p in (a, b):
+        finish(p, 400)
+    finish(late, 240)  # far below --quorum-timeout: it did not wait for peers that had left
+    assert "injecting stall_before_average in round 3" in late.output()
+    a_r, b_r, late_r = rounds(a), rounds(b), rounds(late)
+    assert a_r[3]["outcome"] == b_r[3]["outcome"] == "averaged" and a_r[3]["group_size"] == 2, (a_r[3], b_r[3])
+    assert "round 3: the peers that closed this round have left the run; applying our own update" in late.output()
+    assert late_r[3]["outcome"] == "alone" and late_r[3]["tokens_in_theta"] >= late_r[3]["own_tokens"] > 0
+    assert late_r[3]["step"] == 40 and all(rec["wasted_tokens"] == 0 for rec in late_r.values())
+
+
+def test_goodbyes_close_a_round_only_from_peers_seen_taking_part(monkeypatch):
+    """SwarmView.closed_round: a goodbye (stage "left") shows the round its peer had reached, so a peer still in an
+    earlier round knows that round closed. Only from a peer this view saw take part, at most one round past where it
+    was seen: a stranger's goodbye, or one claiming a far-future round, closes nothing."""
+    from photon_p2p.swarm import view as view_mod
+    from photon_p2p.swarm.records import Heartbeat, RejectCounter
+    from tests.helpers.swarm import heartbeat_fields
+
+    beats: dict[str, Heartbeat] = {}
+    monkeypatch.setattr(view_mod, "read_heartbeats", lambda *a, **k: dict(beats))
+    view = view_mod.SwarmView(None, "r", "0" * 64, "me", RejectCounter())
+
+    def beat(pid: str, **changes) -> None:
+        beats[pid] = Heartbeat(**heartbeat_fields(pid, **changes))
+        view.refresh()
+
+    beat("Qmapeer1", round=5, stage="averaging")
+    beat("Qmbpeer1", round=5, stage="averaging")
+    assert view.closed_round() == 5 and view.newest_servable_round() == 5
+    beat("Qmapeer1", round=6, stage="left")  # a finished its last round, 5, and left
+    assert view.closed_round() == 6 and view.newest_servable_round() == 5
+    beat("Qmbpeer1", round=6, stage="left")
+    assert view.closed_round() == 6 and view.newest_servable_round() == -1 and not view.peers()
+    beat("Qmstranger", round=9, stage="left")  # never seen taking part
+    beat("Qmcpeer1", round=6, stage="training")
+    beat("Qmcpeer1", round=50, stage="left")  # seen at round 6: a goodbye at 50 is no evidence
+    assert view.closed_round() == 6
 
 
 def test_client_mode_peer_averages_through_peers_that_accept_connections(procs, tmp_path):

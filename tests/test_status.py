@@ -4,12 +4,13 @@ One swarm serves the whole module: a photon-bootstrap, a raw hivemind DHT in thi
 and one real photon-peer. Before the peer starts, the attacker publishes two bad manifests for its run: a *forged*
 one (a valid body that claims to be older and has --local-steps 7, carrying a signature made over another body)
 and an *unsigned* one. Proves that the peer ignores both and creates the genuine run (it would otherwise have been
-refused for its --local-steps 5), and that photon-status --json lists that live peer with the genuine manifest and
-counts the rejected records. Then the attacker writes malformed heartbeats (garbage bytes, a dict, an unsigned
-body, a record signed by one key under another peer's ID, an extra field, a NaN tokens/s, a non-string subkey):
-photon-status still lists only the real peer, reports rejected_records, and the peer keeps training. Also: the
-table and --watch output (Ctrl-C exits 0), an unknown run id (the error lists the runs seen), a peer whose
-explicit settings conflict with the run (refused with the differing fields), and bad addresses. Pure functions
+refused for its --local-steps 5), and that photon-status --json lists that live peer with the genuine manifest
+(neither record reaches its reader: every validating node refused them). Then the attacker writes malformed
+heartbeats (garbage bytes, a dict, an unsigned body, a record signed by one key under another peer's ID, an extra
+field, a NaN tokens/s, a non-string subkey): photon-status still lists only the real peer (every validating node
+refused the records, swarm/validators.py), and the peer keeps training. Also: the table and --watch output
+(Ctrl-C exits 0), an unknown run id (the error lists the runs seen), a peer whose explicit settings conflict with
+the run (refused with the differing fields), and bad addresses. Pure functions
 (parameter count, rendering of hostile strings) are checked without a swarm.
 """
 
@@ -28,6 +29,7 @@ from photon_p2p.status import CLEAR_SCREEN, count_parameters, human_count, rende
 from tests.helpers.procs import LOOPBACK, ProcessPool, all_gone, console
 from tests.helpers.swarm import (
     assert_one_line_error,
+    heartbeat_fields,
     micro_manifest,
     peer_args,
     run_cli_batch,
@@ -43,7 +45,9 @@ RUN = "t"
 def _store(dht, key: str, value, subkey, ttl: float = 300.0) -> None:
     from hivemind.utils.timed_storage import get_dht_time
 
-    assert dht.store(key, value, get_dht_time() + ttl, subkey=subkey), f"could not store {key}/{subkey}"
+    # the attacker's own node keeps it either way; what hivemind returns is the verdict of the last node it asked,
+    # and every validating node refuses these (swarm/validators.py)
+    dht.store(key, value, get_dht_time() + ttl, subkey=subkey)
 
 
 def _bad_manifests(dht, work) -> None:
@@ -78,21 +82,8 @@ def _malformed_heartbeats(dht, work) -> list[str]:
     pid = [i.peer_id.to_base58() for i in ids]
 
     def beat(identity, **changes) -> dict:
-        fields = dict(
-            peer_id=identity.peer_id.to_base58(),
-            run_id=RUN,
-            manifest_hash="0" * 64,
-            round=1,
-            step=5,
-            tokens=100,
-            tokens_per_s=10.0,
-            stage="training",
-            device="cpu",
-            version="0.1.0",
-            time=time.time(),
-        )
-        fields.update(changes)
-        return fields
+        this_run = dict(run_id=RUN, round=1, step=5, tokens=100, tokens_per_s=10.0)
+        return heartbeat_fields(identity.peer_id.to_base58(), **{**this_run, **changes})
 
     def sign_raw(identity, body: dict) -> bytes:  # a valid signature over whatever body we like, schema or not
         packed = msgpack.packb(canonical(body), use_bin_type=True)
@@ -186,9 +177,9 @@ def test_forged_and_unsigned_manifests_are_ignored(live_run, status):
     manifest = status["manifest"]
     assert manifest["creator"] == live_run["peer_id"], "the forged record (claiming to be older) must not win"
     assert manifest["local_steps"] == 5 and manifest["candidates"] == 1
-    reasons = status["rejected_reasons"]
-    assert reasons.get("manifest: bad signature", 0) >= 1, reasons
-    assert reasons.get("manifest: not a signed envelope", 0) >= 1, reasons
+    # every node refuses both at store time and on retrieval (swarm/validators.py): they never reach the reader,
+    # whose own counting of bad records is fuzzed in tests/test_record_fuzz.py
+    assert not any(r.startswith("manifest") for r in status["rejected_reasons"]), status["rejected_reasons"]
 
 
 def test_json_lists_the_live_peer(live_run, status):
@@ -230,10 +221,9 @@ def _shape(model: dict):
 
 def test_malformed_heartbeats_are_dropped_and_counted(live_run, status):
     assert [p["peer_id"] for p in status["peers"]] == [live_run["peer_id"]]
-    for reason in live_run["expected_rejects"]:
-        assert reason in status["rejected_reasons"], status["rejected_reasons"]
-    assert status["rejected_reasons"]["heartbeat: schema"] >= 2  # the extra field and the NaN
-    assert status["rejected_records"] >= 7 + 2  # seven bad heartbeats, two bad manifests
+    # refused by every node that validates (the attacker's own node still holds them and answers searches with
+    # them; readers' nodes drop those answers), so nothing bad reaches photon-status's reader
+    assert not any(r.startswith("heartbeat") for r in status["rejected_reasons"]), status["rejected_reasons"]
     assert live_run["peer"].alive(), "bad records never crash a peer that reads them"
 
 
@@ -245,7 +235,7 @@ def test_table(live_run):
     assert "tokenizer byte (257 tokens)" in out and "5 local steps per round, outer fedavg lr 1" in out
     assert re.search(r"PEER\s+STAGE\s+ROUND\s+STEP\s+TOKENS/S\s+LOSS\s+VAL PPL\s+DEVICE\s+SEEN", out)
     assert short_peer_id(live_run["peer_id"]) in out
-    assert "1 live peer, total throughput" in out and "dropped " in out
+    assert "1 live peer, total throughput" in out
 
 
 def test_unknown_run_lists_runs_seen(live_run):

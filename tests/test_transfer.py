@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import multiprocessing as mp
+import re
 import threading
 import time
 
@@ -174,7 +175,9 @@ def test_dropped_stream_resumes_from_the_same_donor(swarm):
     assert result is not None, swarm.client.last_download_error
     _assert_same(result[1], STATE)
     problems = swarm.client.last_download_problems
-    assert len(problems) == 1 and "closed the stream at" in problems[0], problems
+    # the donor stops at a message boundary, but p2pd may cut data still in flight when the stream closes: the reader
+    # then sees the end mid-message (seen in a fresh-clone run); either way one drop, then the resume
+    assert len(problems) == 1 and re.search(r"closed the stream (mid-message )?at", problems[0]), problems
     assert TOTAL <= swarm.twin.served < 1.3 * TOTAL, (swarm.twin.served, TOTAL)
 
 

@@ -34,6 +34,12 @@ def setup_logging(level: str = "info") -> None:
     logging.getLogger("hivemind").setLevel(hv_level)
 
 
+def one_line(message: str) -> str:
+    """An error message as one printable line: a user's value may hold newlines, carriage returns, Unicode line
+    separators or terminal escapes (a key in a TOML file, a flag); those are shown escaped, as Python writes them."""
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in message)
+
+
 def run_main(fn: Callable[[], int | None]) -> int:
     """Run a CLI body: PhotonError -> ``error: ...`` on one line, exit 2; Ctrl-C -> exit 130; SIGTERM -> clean
     shutdown and exit 0; never a traceback for the user's mistakes."""
@@ -41,7 +47,7 @@ def run_main(fn: Callable[[], int | None]) -> int:
     try:
         return int(fn() or 0)
     except PhotonError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except runtime.GracefulExit:
         print("stopped", file=sys.stderr)
@@ -55,4 +61,4 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one ``error: ...`` line (exit 2) like every other user error, not a usage dump."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(EXIT_USER_ERROR, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USER_ERROR, f"error: {one_line(message)} (see {self.prog} --help)\n")

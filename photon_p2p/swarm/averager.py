@@ -10,7 +10,10 @@
    nothing: a member that lost any slice of it keeps its own theta and outer state whole (a zero slice would be a
    zeroed layer, not a missing update).
 3. **Untrusted inputs.** A reducer refuses parts that are non-finite, have the wrong shape, or come with a weight
-   that is not a positive finite number: the sender is banned from this all-reduce, the rest finish without it.
+   that is not a positive finite number at most the manifest's bound (``max_weight``): the sender is banned from
+   this all-reduce, the rest finish without it. Claimed bandwidths are sanitised and no reducer gets more than
+   SHARE_FACTOR x its fair share of the vector; with ``robust_clip`` the reducers clip and filter parts
+   (swarm/robust.py), and report who they clipped.
 
 On top, each round's all-gather carries a ``RoundGather`` (round, theta hash, tokens). If the members' theta
 hashes differ (the swarm split into groups earlier, or matchmaking failed under load), the same group then also
@@ -21,9 +24,11 @@ received are counted after compression and returned with the step's result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
+import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -35,17 +40,22 @@ from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import BannedException
 from hivemind.compression import CompressionBase, NoCompression, deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished, enter_asynchronously
 
 from photon_p2p.swarm import faults
+from photon_p2p.swarm.access import AccessControlMixin
 from photon_p2p.swarm.records import RoundGather
+from photon_p2p.swarm.robust import RobustPartReducer, bounded_fractions, sane_bandwidth
 from photon_p2p.swarm.transfer import StateTransferMixin
 
 logger = logging.getLogger(__name__)
 
-MAX_WEIGHT = 1e15  # tokens per round; anything larger is a malicious or broken peer
+# a leader keeps each join stream, and a reducer each part stream, open after its last message until the other end
+# closes it (at most this long): see PhotonAverager.rpc_join_group
+LINGER_S = 10.0
+MAX_WEIGHT = 1e15  # tokens per round when the caller gives no bound (peers pass the manifest's: swarm/robust.py)
 PHASE_DELTA, PHASE_STATE = b".delta", b".state"
 
 
@@ -57,6 +67,7 @@ class TrafficCounter:
         self.received = 0
         self.lost_values = 0
         self.total_values = 0
+        self.offenders: dict[str, list[int]] = {}  # sender -> [parts clipped, parts dropped] by this member
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -68,9 +79,22 @@ def all_finite(tensor: torch.Tensor) -> bool:
 class PhotonAllReduceRunner(AllReduceRunner):
     """AllReduceRunner whose outputs are the (identically encoded) averages; see the module docstring."""
 
-    def __init__(self, *, traffic: TrafficCounter, fault_round: int | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        traffic: TrafficCounter,
+        fault_round: int | None = None,
+        max_weight: float = MAX_WEIGHT,
+        robust_clip: float | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
-        self.traffic, self.fault_round = traffic, fault_round
+        self.traffic, self.fault_round, self.max_weight = traffic, fault_round, max_weight
+        if robust_clip is not None:
+            self.tensor_part_reducer.finished.set()  # unused: its finalize would warn that it received nothing
+            self.tensor_part_reducer = RobustPartReducer(
+                tuple(p.shape for p in self.parts_for_local_averaging), len(self.sender_peer_ids), clip=robust_clip
+            )
         self._reply_type = self.tensor_part_container.compression.compression_type
         self._encoded: dict[int, asyncio.Future] = {}
         self._own_part_shapes = tuple(p.shape for p in self.parts_for_local_averaging)
@@ -92,6 +116,11 @@ class PhotonAllReduceRunner(AllReduceRunner):
         return await future
 
     async def _ban_sender(self, peer_id: PeerID):
+        index = self.sender_peer_ids.index(peer_id)
+        if self.tensor_part_reducer.num_parts_received[index] >= self.tensor_part_reducer.num_parts:
+            # every part arrived: the sender closed its stream after our last averaged part, as it should, and the
+            # close reached us as a reset (hivemind bans on any end of the stream that is not its end marker)
+            return
         if peer_id not in self.banned_senders:
             logger.warning(
                 "all-reduce: excluding %s's update from this round (it stopped sending or sent invalid data)", peer_id
@@ -101,8 +130,8 @@ class PhotonAllReduceRunner(AllReduceRunner):
     def _check_input(self, part_index: int, tensor: torch.Tensor, weight: float) -> None:
         if part_index >= len(self._own_part_shapes) or tensor.shape != self._own_part_shapes[part_index]:
             raise AllreduceException(f"part {part_index} has shape {tuple(tensor.shape)}, expected another")
-        if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
-            raise AllreduceException(f"invalid averaging weight {weight!r}")
+        if not (math.isfinite(weight) and 0 < weight <= self.max_weight):
+            raise AllreduceException(f"invalid averaging weight {weight!r} (bound {self.max_weight:g})")
         if not all_finite(tensor):
             raise AllreduceException(f"part {part_index} contains NaN or Inf")
 
@@ -135,8 +164,8 @@ class PhotonAllReduceRunner(AllReduceRunner):
         async for message in super()._generate_input_for_peer(peer_index):
             self.traffic.sent += message.tensor_part.ByteSize()
             yield message
-            if self.fault_round is not None and faults.at("kill_in_allreduce", self.fault_round) is not None:
-                faults.kill_whole_peer()
+            if self.fault_round is not None:
+                faults.in_allreduce(self.fault_round)
 
     async def _communicate_with_peer(self, peer_id: PeerID):
         peer_index = self.ordered_peer_ids.index(peer_id)
@@ -165,21 +194,30 @@ class PhotonAllReduceRunner(AllReduceRunner):
                     raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
                 return deserialize_torch_tensor(msg.tensor_part), msg.tensor_part.ByteSize()
 
-            async for averaged, nbytes in amap_in_executor(
+            num_parts = self.tensor_part_container.num_parts_by_peer[peer_index]
+            parts = amap_in_executor(
                 _decode,
                 aiter_with_timeout(stream, self.reducer_timeout),
                 max_prefetch=self.tensor_part_container.prefetch,
-            ):
-                self.traffic.received += nbytes
-                if part_index >= len(expected) or averaged.shape != expected[part_index] or not all_finite(averaged):
-                    raise AllreduceException(f"{peer_id} returned a malformed average for part {part_index}")
-                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
-                part_index += 1
-            if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
-                raise AllreduceException(
-                    f"peer {peer_id} sent {part_index} parts, expected "
-                    f"{self.tensor_part_container.num_parts_by_peer[peer_index]}"
-                )
+            )
+            async with contextlib.aclosing(parts):
+                async for averaged, nbytes in parts:
+                    self.traffic.received += nbytes
+                    if (
+                        part_index >= len(expected)
+                        or averaged.shape != expected[part_index]
+                        or not all_finite(averaged)
+                    ):
+                        raise AllreduceException(f"{peer_id} returned a malformed average for part {part_index}")
+                    self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
+                    part_index += 1
+                    if part_index == num_parts:
+                        # we close the stream, not the reducer: a close resets it, and a reset discards what the
+                        # other end's daemon has not passed on yet (PhotonAverager.rpc_aggregate_part waits for us)
+                        break
+            await stream.aclose()
+            if part_index != num_parts:
+                raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected {num_parts}")
         except BaseException as e:
             if isinstance(e, Exception):
                 logger.warning(
@@ -220,13 +258,16 @@ def averager_settings(
     )
 
 
-class PhotonAverager(StateTransferMixin, DecentralizedAverager):
+class PhotonAverager(AccessControlMixin, StateTransferMixin, DecentralizedAverager):
     """Averages ``delta`` tensors each round; holds ``state`` tensors (theta + outer state) for reconciliation and
     for joining peers to download.
 
     :param delta: fp32 CPU buffers the round engine fills with theta - local before each step
     :param state: fp32 CPU tensors: theta followed by the outer optimizer's buffers (shared memory after init)
     :param get_state_meta: called in the host process when a peer downloads our state; returns the metadata dict
+    :param max_weight: the heaviest weight a sender may declare (``robust.max_round_weight`` of the manifest)
+    :param robust_clip: clip each part to this x the median norm across senders and drop parts pointing away from
+        the others (swarm/robust.py); None averages as hivemind does
     """
 
     def __init__(
@@ -238,8 +279,12 @@ class PhotonAverager(StateTransferMixin, DecentralizedAverager):
         prefix: str,
         compression: CompressionBase,
         get_state_meta: Callable[[], dict[str, Any]],
+        max_weight: float = MAX_WEIGHT,
+        robust_clip: float | None = None,
         **kwargs: Any,
     ):
+        # read in the averager process (set before hivemind forks it): the reducers' bounds come from the manifest
+        self.max_weight, self.robust_clip = float(max_weight), robust_clip
         self.num_delta = len(delta)
         self._get_state_meta = get_state_meta
         self._compression_for_delta = compression
@@ -285,10 +330,36 @@ class PhotonAverager(StateTransferMixin, DecentralizedAverager):
             else:
                 future.cancel()
 
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> typing.AsyncIterator[averaging_pb2.MessageFromLeader]:  # typing's: hivemind reads its rpc_* hints by name
+        """hivemind's join handler, but the leader leaves the stream open after its last message (BEGIN_ALLREDUCE,
+        or a refusal) until the follower has read it and closed its end.
+
+        Why: when a handler returns, p2pd closes the libp2p stream, and closing it for reading makes it reset the
+        stream. A yamux reset discards whatever the follower's daemon has received but not yet passed on, so a
+        follower on a busy machine can lose BEGIN_ALLREDUCE sent a moment before: its step finds no group, while
+        the leader has counted it in and the others lose its slice of the all-reduce (seen in CI and reproduced
+        under load, always in a run's last round, when peers that finish first load the machine with their final
+        evaluation). A follower reads one message after ACCEPTED and then closes its end, so this never waits on
+        a live follower; the wait ends when the handler is cancelled on that close, or after LINGER_S."""
+        async for message in super().rpc_join_group(request, context):
+            yield message
+        await asyncio.sleep(LINGER_S)
+
+    async def rpc_aggregate_part(
+        self, stream: typing.AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> typing.AsyncIterator[averaging_pb2.AveragingData]:
+        """hivemind's reducer handler, but the stream stays open after the last averaged part until the sender has
+        read it and closed its end (PhotonAllReduceRunner._communicate_with_peer does, after its last part). The
+        reset that followed the handler's return could discard the last part at a busy sender: it then lost that
+        reducer's whole slice ("sent 10 parts, expected 11": a few times per suite run under load)."""
+        async for message in super().rpc_aggregate_part(stream, context):
+            yield message
+        await asyncio.sleep(LINGER_S)
+
     # ---- group registration: two all-reduce phases share one matchmaking
     def _register_allreduce_group(self, group_info: GroupInfo):
-        import contextlib
-
         @contextlib.contextmanager
         def registered():
             ids = [group_info.group_id + PHASE_DELTA, group_info.group_id + PHASE_STATE]
@@ -316,11 +387,15 @@ class PhotonAverager(StateTransferMixin, DecentralizedAverager):
             if len(rounds) != 1:
                 raise AllreduceException(f"group members are at different rounds {sorted(rounds)}")
             modes = tuple(map(AveragingMode, mode_ids))
+            # untrusted claims: garbage reads as "the group's mean", and nobody reduces more than a bounded share
             download_bandwidths = [
-                b if m != AveragingMode.CLIENT else 0.0 for b, m in zip(bandwidths, modes, strict=True)
+                sane_bandwidth(b) if m != AveragingMode.CLIENT else 0.0 for b, m in zip(bandwidths, modes, strict=True)
             ]
-            fractions = await asyncio.get_event_loop().run_in_executor(
-                None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size
+            fractions = bounded_fractions(
+                await asyncio.get_event_loop().run_in_executor(
+                    None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size
+                ),
+                [b != 0.0 for b in download_bandwidths],
             )
             reconcile = len({g["theta_hash"] for g in gathered.values()}) > 1
             traffic = TrafficCounter()
@@ -350,6 +425,8 @@ class PhotonAverager(StateTransferMixin, DecentralizedAverager):
                 bytes_received=traffic.received,
                 group=[p.to_base58() for p in group_info.peer_ids],
                 lost_fraction=traffic.lost_values / max(1, traffic.total_values),
+                offenders=traffic.offenders,
+                shares=[f / max(1, self.total_size) for f in fractions],  # of the vector each member reduced
             )
         except BaseException as e:
             if isinstance(e, Exception):
@@ -375,6 +452,8 @@ class PhotonAverager(StateTransferMixin, DecentralizedAverager):
         runner = self.runner_class(
             traffic=traffic,
             fault_round=getattr(self, "_round", None) if phase == PHASE_DELTA else None,
+            max_weight=self.max_weight if phase == PHASE_DELTA else 1.0,
+            robust_clip=self.robust_clip,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -403,6 +482,7 @@ class PhotonAverager(StateTransferMixin, DecentralizedAverager):
                 raise
             logger.debug("all-or-nothing phase failed: %r", e)
             return False
+        self._note_offenders(runner, phase, traffic)
         failed = runner.tensor_part_container.failed_size
         traffic.lost_values += failed
         traffic.total_values += runner.tensor_part_container.total_size
@@ -414,6 +494,27 @@ class PhotonAverager(StateTransferMixin, DecentralizedAverager):
             for dst, src in zip(tensors, results, strict=True):
                 dst.copy_(src)
         return True
+
+    @staticmethod
+    def _note_offenders(runner: PhotonAllReduceRunner, phase: bytes, traffic: TrafficCounter) -> None:
+        """Log, once per sender and phase, whose parts our reducer clipped or dropped, and count them."""
+        reducer = runner.tensor_part_reducer
+        for index, (clipped, dropped) in enumerate(getattr(reducer, "offences", ())):
+            if clipped or dropped:
+                peer = runner.sender_peer_ids[index].to_base58()
+                logger.warning(
+                    "robust aggregation: %s's %s parts: %d clipped (norm over %g x the median), %d dropped (pointing "
+                    "away from the others), of %d",
+                    peer,
+                    phase.decode().lstrip("."),
+                    clipped,
+                    reducer.clip,
+                    dropped,
+                    reducer.num_parts,
+                )
+                counts = traffic.offenders.setdefault(peer, [0, 0])
+                counts[0] += clipped
+                counts[1] += dropped
 
     # ---- state sharing for joining peers
     def get_current_state(self):

@@ -6,6 +6,7 @@ failed start leaves neither behind, and that errors say which addresses were tri
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -100,10 +101,18 @@ def start_dht(
     use_relay: bool = True,
     use_auto_relay: bool = False,
     join_timeout: float = 30.0,
+    authorizer: Any = None,
     **kwargs: Any,
 ):
-    """Start a hivemind DHT node in a background process and wait until it has joined (or fail cleanly)."""
+    """Start a hivemind DHT node in a background process and wait until it has joined (or fail cleanly).
+
+    ``authorizer``: a private run's ``PrivateRunAuthorizer`` (swarm/access.py): every request and response of this
+    node then carries and checks run tokens.
+
+    Every node refuses records that photon and hivemind's averager never write (validators.py), at store time."""
     import hivemind
+
+    from photon_p2p.swarm.validators import PhotonRecordValidator
 
     initial_peers = validate_maddrs(initial_peers, flag="--initial-peers", need_peer_id=True)
     host_maddrs = validate_maddrs(host_maddrs, flag="--host-maddrs", need_peer_id=False)
@@ -125,6 +134,8 @@ def start_dht(
             bootstrap_timeout=min(5.0, join_timeout),
             # a peer that is already running keeps its identity check quick; the DHT only needs it for fresh joins
             check_if_identity_free=bool(initial_peers),
+            authorizer=authorizer,
+            record_validators=[PhotonRecordValidator(), *kwargs.pop("record_validators", ())],
             **kwargs,
         )
     try:
@@ -185,7 +196,7 @@ def visible_maddrs(dht: Any, timeout: float = 30.0) -> list[str]:
     """Addresses others can paste into --initial-peers (loopback last: it only helps on this machine)."""
     with signals_deferred():
         future = dht.run_coroutine(_visible_maddrs, return_future=True)
-    addrs = future.result(timeout=timeout)
+    addrs = remote_result(future, timeout)
     return sorted(set(addrs), key=lambda a: ("/ip4/127." in a or "/ip6/::1/" in a, "/quic" in a, a))
 
 
@@ -208,6 +219,24 @@ def signals_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+class RemoteCancelled(SwarmError):
+    """A hivemind call whose future came back with ``asyncio.CancelledError`` although we never cancelled it."""
+
+
+def remote_result(future: Any, timeout: float | None = None) -> Any:
+    """``future.result(timeout)`` for an MPFuture answered by hivemind's DHT or averager process.
+
+    Those processes pickle whatever their coroutine raised into the future, including ``asyncio.CancelledError``:
+    a matchmaking coroutine of ours that hivemind cancels internally (its group future is cancelled while a new step
+    starts right after a cancelled one) reaches this thread as a CancelledError. That is a BaseException, which
+    every ``except Exception`` of ours lets through, and it killed a peer mid-run (fresh-clone CI, test_chaos and
+    test_dashboard). It is a failed call like any other, so it becomes one here."""
+    try:
+        return future.result(timeout=timeout)
+    except asyncio.CancelledError as e:
+        raise RemoteCancelled("hivemind cancelled the call internally") from e
+
+
 class DHTCalls:
     """Serialises calls into the DHT process from several threads of ours (its control pipe is not thread-safe)."""
 
@@ -224,17 +253,17 @@ class DHTCalls:
         self._check_alive()
         with self._lock, signals_deferred():
             future = self.dht.get(key, latest=latest, return_future=True)
-        return future.result(timeout=timeout)
+        return remote_result(future, timeout)
 
     def run_coroutine(self, coro: Any, *, timeout: float = 20.0) -> Any:
         """``dht.run_coroutine`` under the same lock (the bootstrap's status line, polled beside the dashboard)."""
         self._check_alive()
         with self._lock, signals_deferred():
             future = self.dht.run_coroutine(coro, return_future=True)
-        return future.result(timeout=timeout)
+        return remote_result(future, timeout)
 
     def store(self, key: str, value: Any, expiration_time: float, *, subkey: Any = None, timeout: float = 10.0) -> bool:
         self._check_alive()
         with self._lock, signals_deferred():
             future = self.dht.store(key, value, expiration_time, subkey=subkey, return_future=True)
-        return bool(future.result(timeout=timeout))
+        return bool(remote_result(future, timeout))

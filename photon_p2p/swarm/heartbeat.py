@@ -18,6 +18,7 @@ from photon_p2p.swarm.dht import DHTCalls
 from photon_p2p.swarm.identity import Identity
 from photon_p2p.swarm.manifest import RunManifest, announce_run, publish
 from photon_p2p.swarm.records import (
+    MAX_CLOCK_SKEW_S,
     Contribution,
     Heartbeat,
     RecordRejected,
@@ -43,11 +44,15 @@ def contribution_key(run_id: str) -> str:
     return f"photon.{run_id}.contributions"
 
 
-def _read_per_peer(calls: DHTCalls, key: str, schema: type, what: str, run_id: str, rejects: RejectCounter) -> dict:
-    """Signed per-peer records under ``key`` by peer ID: each signed by the peer its subkey names, about this run.
-    Malformed, forged or mislabelled ones are dropped and counted as ``what``."""
+def _read_per_peer(
+    calls: DHTCalls, key: str, schema: type, what: str, run_id: str, rejects: RejectCounter, max_age: float
+) -> dict:
+    """Signed per-peer records under ``key`` by peer ID: each signed by the peer its subkey names, about this run,
+    dated neither ahead of our clock (beyond MAX_CLOCK_SKEW_S) nor more than ``max_age`` (+ skew) ago.
+    Malformed, forged, mislabelled or out-of-date ones are dropped and counted as ``what``."""
     found = calls.get(key, latest=True)
     entries = found.value if found is not None and isinstance(found.value, dict) else {}
+    now = time.time()
     out = {}
     for subkey, item in entries.items():
         if not isinstance(subkey, str):
@@ -57,6 +62,10 @@ def _read_per_peer(calls: DHTCalls, key: str, schema: type, what: str, run_id: s
             rec, _ = open_record(getattr(item, "value", None), schema, signer=subkey)
             if rec.peer_id != subkey or rec.run_id != run_id:
                 raise RecordRejected("peer or run id does not match its key")
+            if rec.time > now + MAX_CLOCK_SKEW_S:
+                raise RecordRejected("dated in the future")
+            if rec.time < now - max_age - MAX_CLOCK_SKEW_S:
+                raise RecordRejected("too old")
         except RecordRejected as e:
             rejects.add(what, e.reason)
             continue
@@ -66,7 +75,9 @@ def _read_per_peer(calls: DHTCalls, key: str, schema: type, what: str, run_id: s
 
 def read_contributions(calls: DHTCalls, run_id: str, rejects: RejectCounter) -> dict[str, Contribution]:
     """Every peer's signed contribution record (the leaderboard), by peer ID; invalid ones dropped and counted."""
-    return _read_per_peer(calls, contribution_key(run_id), Contribution, "contribution", run_id, rejects)
+    return _read_per_peer(
+        calls, contribution_key(run_id), Contribution, "contribution", run_id, rejects, CONTRIBUTION_TTL
+    )
 
 
 def read_heartbeats(
@@ -74,7 +85,7 @@ def read_heartbeats(
 ) -> dict[str, Heartbeat]:
     """Live peers of a run by peer ID (and, with ``include_left``, the goodbyes of those that left). Malformed,
     forged or mislabelled records are dropped and counted."""
-    beats = _read_per_peer(calls, heartbeat_key(run_id), Heartbeat, "heartbeat", run_id, rejects)
+    beats = _read_per_peer(calls, heartbeat_key(run_id), Heartbeat, "heartbeat", run_id, rejects, HEARTBEAT_TTL)
     return {k: hb for k, hb in beats.items() if include_left or hb.stage != "left"}
 
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import multihash
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hivemind.p2p import PeerID
@@ -40,7 +40,7 @@ def verify_signature(public_key_der: bytes, data: bytes, signature: bytes) -> bo
             return False
         key.verify(signature, data, _PADDING, _HASH)
         return True
-    except (InvalidSignature, ValueError, TypeError):
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):  # garbage keys raise any of these
         return False
 
 

@@ -3,9 +3,12 @@ entries, checkpoints, clean stops (Ctrl-C, SIGTERM, a quorum that never forms)."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import threading
 import time
+from functools import partial
 from typing import Any
 
 from photon_p2p.errors import SwarmError
@@ -18,6 +21,30 @@ from photon_p2p.swarm.view import ACTIVE_STAGES
 from photon_p2p.train.metrics import MetricsWriter
 
 logger = logging.getLogger(__name__)
+
+REPING_PERIOD = 30.0  # seconds between checks that this peer's --initial-peers still know it
+
+
+async def _reping_initial_peers(_dht: Any, node: Any, maddrs: tuple[str, ...] = ()) -> int:
+    """Runs in the DHT process: dial and ping each initial peer. A ping makes the pinged node add us to its routing
+    table, so a bootstrap that was down (its routing table empty, and nobody pings a node that stopped answering)
+    knows the run's peers again and introduces newcomers to them. Returns how many answered that were missing
+    from our routing table (were down)."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    back = 0
+    for text in maddrs:
+        maddr = Multiaddr(text)
+        peer_id = PeerID.from_base58(maddr["p2p"])
+        known = node.protocol.routing_table.get(peer_id=peer_id) is not None
+        try:  # dialling a node that is down can take p2pd a long time: bounded, the next try is 30 s away
+            await asyncio.wait_for(node.p2p._client.connect(peer_id, [maddr.decapsulate("/p2p/" + maddr["p2p"])]), 10)
+        except Exception as e:  # still down: try again next time
+            logger.debug("initial peer %s unreachable: %r", text, e)
+            continue
+        back += await node.protocol.call_ping(peer_id) is not None and not known
+    return back
 
 
 def _finite(x: float | None) -> float | None:
@@ -78,6 +105,20 @@ class PeerLoop(RoundEngine):
                 self.run.manifest.run_id,
             )
 
+    def _keep_initial_peers(self, stop: threading.Event) -> None:
+        """A background thread (a dial to a node that is down blocks; the rounds must not wait for it): every
+        REPING_PERIOD, reconnect to --initial-peers that came back (a bootstrap node restarted with its identity is
+        found again by the run's peers, see _reping_initial_peers)."""
+        maddrs = tuple(self.cfg.swarm.initial_peers)
+        while not stop.wait(REPING_PERIOD):
+            try:
+                back = self.view.calls.run_coroutine(partial(_reping_initial_peers, maddrs=maddrs), timeout=60.0)
+            except Exception as e:  # the DHT busy or stopping: this is housekeeping, the rounds go on
+                logger.debug("re-pinging initial peers failed: %r", e)
+                continue
+            if back:
+                logger.info("reconnected to %d of --initial-peers (back after being unreachable)", back)
+
     def save(self) -> None:
         from photon_p2p.swarm.manifest import manifest_settings
 
@@ -88,6 +129,7 @@ class PeerLoop(RoundEngine):
                 "manifest_hash": self.run.hash,
                 "contribution": dict(self.contribution),
                 "manifest_settings": manifest_settings(self.run.manifest),
+                "run_owner": self.run.record.creator,  # pinned: --resume refuses a run of another owner
             },
         )
 
@@ -146,6 +188,12 @@ class PeerLoop(RoundEngine):
         stop = DeferredStop()
         self.stop_requested = lambda: stop.requested
         self.metrics = metrics
+        reping_stop = threading.Event()
+        # a client-mode node is in nobody's routing table: its pings would not make it known
+        if self.cfg.swarm.initial_peers and not self.averager.client_mode:
+            threading.Thread(
+                target=self._keep_initial_peers, args=(reping_stop,), name="initial-peers", daemon=True
+            ).start()
         try:
             with stop:
                 self.wait_for_peers()
@@ -176,6 +224,8 @@ class PeerLoop(RoundEngine):
                 "interrupted twice inside round %d: not saved (--resume continues from the last checkpoint)", self.round
             )
             raise
+        finally:
+            reping_stop.set()
         if stop.requested:
             if ck.dir and self.round > 0:
                 self.save()

@@ -5,6 +5,10 @@ set itself, and is refused (with the list of differing fields) if something it *
 none, it publishes its own proposal, waits a moment for simultaneous creators, and everybody picks the same
 winner: the earliest valid record (ties broken by peer ID). With identical settings the winner does not even
 matter: the manifest hash covers settings only, so all those peers average together anyway.
+
+A run is named by its id and its owner's key. ``created_at`` is whatever the signer chose, so "earliest" only
+settles a race between creators of a brand-new run; a joiner facing manifests with different settings needs
+--run-owner (or the owner its checkpoint pinned) and is otherwise refused with the list of candidates.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from photon_p2p.model import ModelArgs
 from photon_p2p.swarm.dht import DHTCalls
 from photon_p2p.swarm.identity import Identity
 from photon_p2p.swarm.records import (
+    MAX_CLOCK_SKEW_S,
     PROTOCOL_VERSION,
     Manifest,
     ManifestRecord,
@@ -43,6 +48,12 @@ MAX_TOKENIZER_JSON_BYTES = 64 * 2**20
 RUNS_KEY = "photon.runs"
 MANIFEST_TTL = 600.0  # republished by every live peer, so a run outlives its creator
 RUN_ANNOUNCEMENT_TTL = 120.0
+# manifests created this recently are a run being started right now (simultaneous creators, then earliest wins);
+# with different settings, an older one is only accepted from the owner --run-owner names
+CREATION_WINDOW_S = 30.0
+# a creator reads the run's proposals until none has appeared for settle_s, at most SETTLE_MAX_FACTOR x settle_s
+SETTLE_POLL_S = 0.5
+SETTLE_MAX_FACTOR = 5
 
 
 def manifest_key(run_id: str) -> str:
@@ -92,6 +103,8 @@ def fetch_manifests(calls: DHTCalls, run_id: str, rejects: RejectCounter) -> lis
             )
             if record.creator != signer or record.manifest.run_id != run_id:
                 raise RecordRejected("creator or run id does not match")
+            if record.created_at > time.time() + MAX_CLOCK_SKEW_S:
+                raise RecordRejected("created in the future")  # would sort last today, first when it is "old"
         except RecordRejected as e:
             rejects.add("manifest", e.reason)
             continue
@@ -100,7 +113,20 @@ def fetch_manifests(calls: DHTCalls, run_id: str, rejects: RejectCounter) -> lis
 
 
 def pick_canonical(candidates: list[RunManifest]) -> RunManifest:
+    """Among manifests that are all acceptable (same owner, or simultaneous creators), the earliest one."""
     return min(candidates, key=lambda c: (c.record.created_at, c.record.creator))
+
+
+def describe_candidates(candidates: list[RunManifest]) -> str:
+    """``<owner> (manifest <hash>, created <UTC time>)`` for each distinct manifest: what a refusal lists."""
+    seen: dict[tuple[str, str], RunManifest] = {}
+    for c in sorted(candidates, key=lambda c: (c.record.created_at, c.record.creator)):
+        seen.setdefault((c.record.creator, c.hash), c)
+    return "; ".join(
+        f"{c.record.creator} (manifest {c.hash[:12]}, created "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(c.record.created_at))} UTC)"
+        for c in seen.values()
+    )
 
 
 def publish(calls: DHTCalls, run: RunManifest) -> bool:
@@ -204,12 +230,47 @@ def agree_on_manifest(
     explicit: set[str],
     *,
     join_existing: bool = False,
-    settle_s: float = 3.0,
+    settle_s: float = 5.0,
+    owner: str | None = None,
+    pinned_owner: str | None = None,
+    owner_wait_s: float = 120.0,
 ) -> RunManifest:
-    """Find the run's manifest or create it; refuse if the user's explicit settings conflict with it."""
+    """Find the run's manifest or create it; refuse if the user's explicit settings conflict with it.
+
+    A run is named by its id *and* its owner (the creator's peer ID): ``owner`` (--run-owner) or else
+    ``pinned_owner`` (the owner this peer's checkpoint accepted before) must have signed the manifest. With neither,
+    several manifests with different settings are refused with the list of candidates, unless they were all created
+    within the last CREATION_WINDOW_S (creators racing to start the same run: the earliest wins, as for creators).
+    A peer whose owner is another peer waits up to ``owner_wait_s`` for the owner's manifest when there is none yet.
+    """
     rejects = RejectCounter()
     run_id = proposal.run_id
+    me = identity.peer_id.to_base58()
+    want = owner or pinned_owner
     candidates = fetch_manifests(calls, run_id, rejects)
+    if want and want != me and not candidates:
+        # the owner may simply not be up yet (peers of a resumed run restart in any order): wait for its manifest
+        logger.info("waiting up to %.0fs for the run's owner %s to publish run '%s'", owner_wait_s, want, run_id)
+        deadline = time.monotonic() + owner_wait_s
+        while not candidates and time.monotonic() < deadline:
+            time.sleep(2.0)
+            candidates = fetch_manifests(calls, run_id, rejects)
+    if want:
+        theirs = [c for c in candidates if c.record.creator == want]
+        if candidates and not theirs:
+            source = "--run-owner" if owner else "this peer's checkpoint (the run it trained before)"
+            raise SwarmError(
+                f"run '{run_id}' is not the one owned by {want} ({source}): its manifest is signed by "
+                f"{describe_candidates(candidates)}; refusing it. Check --run-owner and --run-id"
+            )
+        if not theirs and want != me:
+            raise SwarmError(
+                unknown_run_message(run_id, list_runs(calls, rejects))
+                + f" (no manifest signed by its owner {want}; check --run-owner)"
+            )
+        candidates = theirs
+    else:
+        check_one_run(run_id, candidates)
     if not candidates:
         if join_existing:
             raise SwarmError(
@@ -219,13 +280,23 @@ def agree_on_manifest(
         mine = RunManifest(record=record, raw=sign_record(record, identity))
         publish(calls, mine)
         logger.info(
-            "no manifest for run '%s' yet: proposed one (hash %s); waiting %.0fs for simultaneous creators",
+            "no manifest for run '%s' yet: proposed one (hash %s); reading proposals of simultaneous creators until "
+            "none is new for %.0fs",
             run_id,
             mine.hash[:12],
             settle_s,
         )
-        time.sleep(settle_s)
-        candidates = fetch_manifests(calls, run_id, rejects) or [mine]
+        candidates = [
+            c
+            for c in settle_proposals(calls, run_id, rejects, [mine], settle_s)
+            if not want or c.record.creator == want
+        ]
+        candidates = candidates or [mine]
+    elif not want and all_recent(candidates):
+        # a run being created right now: a creator whose proposal is still spreading may hold the earliest one, and
+        # a peer that picked from its first read chose another winner than the creators (a CI failure)
+        candidates = settle_proposals(calls, run_id, rejects, candidates, settle_s)
+        check_one_run(run_id, candidates)
     chosen = pick_canonical(candidates)
     conflicts = settings_conflicts(chosen.manifest, proposal, explicit)
     if conflicts:
@@ -240,6 +311,45 @@ def agree_on_manifest(
             "joining run '%s' created by %s (manifest %s)", run_id, chosen.record.creator[:12], chosen.hash[:12]
         )
     return chosen
+
+
+def check_one_run(run_id: str, candidates: list[RunManifest]) -> None:
+    """An established run has one manifest; a second one with other settings under another key is a mistake or a
+    hijack, and ``created_at`` is whatever its signer chose: refuse rather than guess which one is genuine (several
+    proposals all created in the last CREATION_WINDOW_S are creators racing to start it: earliest wins)."""
+    if len({c.hash for c in candidates}) > 1 and not all_recent(candidates):
+        raise SwarmError(
+            f"run '{run_id}' has manifests with different settings from different creators: "
+            f"{describe_candidates(candidates)}. Ask the run's owner which one is theirs and add "
+            f"--run-owner PEER_ID (or use another --run-id)"
+        )
+
+
+def settle_proposals(
+    calls: DHTCalls, run_id: str, rejects: RejectCounter, seen: list[RunManifest], settle_s: float
+) -> list[RunManifest]:
+    """Read the run's proposals until none has been new for ``settle_s`` (at most SETTLE_MAX_FACTOR x that); returns
+    every proposal seen. Simultaneous creators then all pick the earliest one; a proposal whose store lands late (its
+    creator was slow on a loaded machine) still carries the earliest ``created_at``, and a peer that stopped reading
+    before it landed would pick another winner than the rest."""
+    found = {(c.record.creator, c.hash): c for c in seen}
+    quiet_since = time.monotonic()
+    deadline = quiet_since + settle_s * SETTLE_MAX_FACTOR
+    while time.monotonic() - quiet_since < settle_s and time.monotonic() < deadline:
+        time.sleep(min(SETTLE_POLL_S, settle_s))
+        for c in fetch_manifests(calls, run_id, rejects):
+            if (c.record.creator, c.hash) not in found:
+                found[(c.record.creator, c.hash)] = c
+                quiet_since = time.monotonic()
+    return list(found.values())
+
+
+def all_recent(candidates: list[RunManifest]) -> bool:
+    """Whether every candidate was created in the last CREATION_WINDOW_S by its own clock (a run being started by
+    several peers at once), so earliest-wins is how they agree. A clock that lags only makes a run look older,
+    which leads to a refusal, never to a wrong pick."""
+    now = time.time()
+    return all(now - c.record.created_at <= CREATION_WINDOW_S for c in candidates)
 
 
 def adopt_manifest(cfg: RunConfig, manifest: Manifest) -> tuple[RunConfig, Tokenizer, ModelArgs]:

@@ -19,15 +19,17 @@ from collections import Counter
 from typing import Annotated, Any, TypeVar
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from photon_p2p.config import RoundConfig, Section, TrainConfig
 from photon_p2p.swarm.identity import Identity, peer_id_from_public_key, verify_signature
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1  # bump when what peers exchange changes incompatibly
+PROTOCOL_VERSION = 2  # bump when what peers exchange changes incompatibly
 MAX_RECORD_BYTES = 4 << 20  # a manifest carries the tokenizer; everything else is tiny
+# how far another machine's clock may be ahead of ours: record times beyond it are refused (validators.py, readers)
+MAX_CLOCK_SKEW_S = 60.0
 
 ShortStr = Annotated[str, Field(max_length=128)]
 PeerIdStr = Annotated[str, Field(min_length=8, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")]
@@ -214,15 +216,15 @@ class RecordRejected(Exception):
         self.reason = reason
 
 
-def open_record(raw: Any, schema: type[M], *, signer: str | None = None) -> tuple[M, str]:
-    """Verify and parse an envelope. Returns (record, signer peer ID). Raises RecordRejected, nothing else.
+def open_envelope(raw: Any, *, signer: str | None = None) -> tuple[bytes, str]:
+    """Verify an envelope's signature. Returns (body bytes, signer peer ID). Raises RecordRejected, nothing else.
 
     :param signer: if given, the base58 peer ID the signing key must hash to (e.g. the DHT subkey)
     """
     if not isinstance(raw, bytes) or len(raw) > MAX_RECORD_BYTES:
         raise RecordRejected("not bytes or too large")
     try:
-        env = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=MAX_RECORD_BYTES)
+        env = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=MAX_RECORD_BYTES, max_ext_len=0)
     except Exception:  # msgpack raises a zoo of exception types on garbage
         raise RecordRejected("not msgpack") from None
     if not isinstance(env, dict) or set(env) != {"b", "k", "s"} or not all(isinstance(env[x], bytes) for x in env):
@@ -235,14 +237,24 @@ def open_record(raw: Any, schema: type[M], *, signer: str | None = None) -> tupl
         raise RecordRejected("bad public key") from None
     if signer is not None and signer_id != signer:
         raise RecordRejected("signed by another peer")
+    return env["b"], signer_id
+
+
+def parse_body(body: bytes, schema: type[M]) -> M:
+    """An envelope's body as ``schema`` (strict). Raises RecordRejected("schema"), nothing else."""
     try:
-        body = msgpack.unpackb(env["b"], raw=False, strict_map_key=True)
-        record = schema.model_validate(body)
-    except (ValidationError, ValueError, TypeError, msgpack.UnpackException):
+        return schema.model_validate(msgpack.unpackb(body, raw=False, strict_map_key=True, max_ext_len=0))
+    except Exception:  # pydantic, msgpack and anything a hostile body provokes
         raise RecordRejected("schema") from None
-    except Exception:
-        raise RecordRejected("schema") from None
-    return record, signer_id
+
+
+def open_record(raw: Any, schema: type[M], *, signer: str | None = None) -> tuple[M, str]:
+    """Verify and parse an envelope. Returns (record, signer peer ID). Raises RecordRejected, nothing else.
+
+    :param signer: if given, the base58 peer ID the signing key must hash to (e.g. the DHT subkey)
+    """
+    body, signer_id = open_envelope(raw, signer=signer)
+    return parse_body(body, schema), signer_id
 
 
 class RejectCounter:

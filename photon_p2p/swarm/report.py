@@ -31,7 +31,11 @@ class RoundResult:
     bytes_received: int = 0
     outer_norm: float = 0.0
     reconciled: bool = False
-    lost_fraction: float = 0.0
+    lost_fraction: float = 0.0  # of the values this member averaged, the share whose reducer failed it
+    reconcile_failed: bool = False  # the group's theta merge failed part-way for this member (it kept its own)
+    clipped_parts: int = 0  # parts of groupmates' updates our reducer clipped (robust aggregation)
+    dropped_parts: int = 0  # parts our reducer left out for pointing away from the others
+    offenders: list[str] = field(default_factory=list)  # whose parts those were
     theta_hash: str = ""
     params: int = 0  # values averaged per round (for comparing with per-step data parallelism)
     group: list[str] = field(default_factory=list)
@@ -70,6 +74,7 @@ def format_round_line(r: RoundResult, tokens_per_s: float) -> str:
         f"all-reduce {r.allreduce_s:.2f}s",
         f"sent {_fmt_bytes(r.bytes_sent)}",
         f"received {_fmt_bytes(r.bytes_received)}",
+        *([f"clipped {r.clipped_parts} / dropped {r.dropped_parts} parts"] if r.offenders else []),
         f"outer step {r.outer_norm:.3g}",
         f"{tokens_per_s:,.0f} tok/s",
     ]

@@ -22,6 +22,9 @@ one step took longer than the others' patience) keeps its delta, downloads the n
 round from ``theta_new - c * delta_late`` with ``c = 1 / (1 + staleness)`` (staleness in rounds). Its late work so
 enters the round it arrives in, damped by its age, inside its own next pseudo-gradient; theta is never replaced by
 an older one, so a late peer cannot pull the swarm backwards. docs/design.md explains the choice.
+
+**Bounded weight**: the weight a peer declares (its tokens, plus c x carried tokens) is clamped to the manifest's
+bound (swarm/robust.py ``max_round_weight``, which derives it from the rules above); reducers refuse heavier ones.
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ from photon_p2p.config import RunConfig
 from photon_p2p.errors import SwarmError
 from photon_p2p.swarm import faults
 from photon_p2p.swarm.averager import PhotonAverager
+from photon_p2p.swarm.dht import remote_result
 from photon_p2p.swarm.heartbeat import HeartbeatPublisher
 from photon_p2p.swarm.manifest import RunManifest
 from photon_p2p.swarm.records import RejectCounter, RoundGather, StateMeta
 from photon_p2p.swarm.report import RoundResult
+from photon_p2p.swarm.robust import round_weight_bound
 from photon_p2p.swarm.state import DeltaGuard, compute_delta, global_norm, load_theta, theta_hash
-from photon_p2p.swarm.sync import download_state
+from photon_p2p.swarm.sync import VOUCHERS, Unvouched, download_state
 from photon_p2p.swarm.view import ACTIVE_STAGES, SwarmView
 from photon_p2p.train.metrics import MetricsWriter, StepStats
 from photon_p2p.train.outer import OuterOptimizer
@@ -58,6 +63,7 @@ PATIENCE_ROUNDS = 3  # while peers of our round are live, keep looking for up to
 ALONE_GRACE_S = 2.0  # others take part in rounds but none seen at ours: look again this long before going alone
 POLL_S = 0.1  # how often a waiting peer checks its averaging step (also the resolution of the idle figures)
 SYNC_AGAIN = 1  # after a download the swarm may have moved on: download once more before training
+AGREE_WAIT_S = 600.0  # a joiner waits this long for the swarm to agree on one state (catch_up): a few 125m rounds
 
 
 @dataclass
@@ -97,8 +103,10 @@ class RoundEngine:
         self.global_step = session.progress.step
         self.guard = DeltaGuard()
         self.theta_hash = theta_hash(theta)
+        self.last_sync_unvouched = False  # the last download was refused as unvouched (catch_up waits, not gives up)
         self.carry: Carry | None = None
         self.tokens_per_step = cfg.train.batch_size * session.seq_len
+        self.max_weight = round_weight_bound(cfg, session.seq_len)
         self._speed = 0.0
         self.stop_requested = lambda: False  # set by the loop (swarm/loop.py) to its DeferredStop
         self.metrics = MetricsWriter(None)  # the loop's writer: 'step' records every --log-every inner steps
@@ -142,6 +150,7 @@ class RoundEngine:
         serve it (then every peer claiming that round is one step closer to being ignored)."""
         self.heartbeat.update(stage="syncing", publish_now=True)
         t0 = time.perf_counter()
+        failure: list[BaseException] = []
         got = download_state(
             self.averager,
             self.theta + self.outer.state_tensors(),
@@ -151,9 +160,13 @@ class RoundEngine:
             min_round=min_round,
             rejects=self.rejects,
             show_progress=self.show_progress,
+            vouchers=self._vouchers,
+            failure=failure,
         )
+        self.last_sync_unvouched = bool(failure) and isinstance(failure[0], Unvouched)
         if got is None:
-            self.view.claim_failed(min_round)
+            if not self.last_sync_unvouched:  # a donor served a valid state others have not vouched for (yet)
+                self.view.claim_failed(min_round)
             return None
         with self.averager.get_tensors():
             self.set_global(round_=got.meta.round, step=got.meta.step)
@@ -168,21 +181,46 @@ class RoundEngine:
         )
         return time.perf_counter() - t0
 
+    def _vouchers(self, round_: int, theta_hash: str) -> tuple[set[str], int]:
+        """Who vouches for a downloaded (round, theta hash), and how many other peers are live (swarm/sync.py)."""
+        return self.view.vouchers(round_, theta_hash), self.view.possible_vouchers()
+
     def catch_up(self, reason: str) -> float:
         """Download while a peer that can serve state is ahead of us (a joiner must not train on stale state only
-        to throw the work away). Returns seconds spent."""
+        to throw the work away). Returns seconds spent.
+
+        A state is only taken when others vouch for it (swarm/sync.py). Right after a failed all-reduce the live
+        peers can hold different theta for a round, and a download is refused as unvouched; that is no evidence of
+        a lie, so instead of giving up (and training from our initial weights) we wait, up to AGREE_WAIT_S, until
+        enough peers show one state (they agree again when they next average together), then download again."""
         spent = 0.0
-        for _ in range(1 + SYNC_AGAIN):
+        tries, waiting_since = 0, None
+        while tries <= SYNC_AGAIN and not self.stop_requested():
             newest = self.view.newest_servable_round()
             if newest <= self.round:
                 break
             took = self.sync(
                 reason=f"{reason}: the swarm is at round {newest}, we are at {self.round}", min_round=newest
             )
-            if took is None:
-                continue  # nobody could serve it: the claim counts as failed; ask again (bounded by SYNC_AGAIN)
-            spent += took
-            self.view.wait_fresh()
+            if took is not None:
+                spent += took
+                tries += 1
+                self.view.wait_fresh()
+                continue
+            if not self.last_sync_unvouched:
+                tries += 1  # nobody could serve it: the claim counts as failed; ask again (bounded by SYNC_AGAIN)
+                continue
+            waiting_since = waiting_since or time.monotonic()
+            need = 1 + min(VOUCHERS, max(0, self.view.possible_vouchers() - 1))  # the donor and its vouchers
+            logger.info("%s: the swarm's peers hold different states; waiting for %d to agree", reason, need)
+            while (
+                not self.view.state_agreed(newest, need)
+                and time.monotonic() - waiting_since < AGREE_WAIT_S
+                and not self.stop_requested()
+            ):
+                self.view.wait_fresh()
+            if time.monotonic() - waiting_since >= AGREE_WAIT_S:
+                tries += 1
         self.heartbeat.update(stage="ready", publish_now=True)
         return spent
 
@@ -325,6 +363,7 @@ class RoundEngine:
             self.averager.set_round(self.round, target if target and target >= 2 else rc.target_group_size)
             with self.averager.get_tensors():  # a failed attempt may have overwritten part of the buffers
                 compute_delta(self.theta, self.session.model, self.delta)  # includes a carried-over delta
+                faults.poison_update(self.delta, self.round)  # a hostile peer's update (tests and benchmarks)
             control = self.averager.step(
                 gather=gather,
                 weight=weight,
@@ -340,18 +379,14 @@ class RoundEngine:
                 if self.stop_requested():
                     control.cancel()
                     return "stop"
-                if (
-                    not control.began_allreduce
-                    and self.view.newest_servable_round() > self.round
-                    and not self._expected_mates()
-                ):
+                if not control.began_allreduce and self.view.closed_round() > self.round and not self._expected_mates():
                     control.cancel()  # our round closed without us
                     return "late"
                 try:
-                    return control.result(timeout=POLL_S)
+                    return remote_result(control, POLL_S)
                 except FutureTimeout:
                     continue
-            return control.result()
+            return remote_result(control)
         except Exception as e:  # no group, a groupmate vanished, ...: the caller decides, the peer never crashes
             if "could not find a group" in str(e):
                 logger.debug("round %d: no group yet", self.round)
@@ -383,8 +418,8 @@ class RoundEngine:
             mates = self._expected_mates()
             waited = time.monotonic() - start
             if not mates:
-                if self.view.newest_servable_round() > self.round:
-                    return "late"
+                if self.view.closed_round() > self.round:
+                    return "late"  # also when the peers that closed it have left since (the run's end)
                 active = any(v.hb.stage in ACTIVE_STAGES for v in self.view.peers().values())
                 if rc.min_group_size <= 1 and (waited >= ALONE_GRACE_S or not active):
                     return "alone"  # nobody else trains this round: partial participation
@@ -456,7 +491,7 @@ class RoundEngine:
             return self._sit_out(base)
         self.guard.accept(norm)
         self.heartbeat.update(stage="averaging", round_tokens=tokens, publish_now=True)
-        weight = tokens + (self.carry.factor * self.carry.tokens if self.carry else 0.0)
+        weight = min(tokens + (self.carry.factor * self.carry.tokens if self.carry else 0.0), self.max_weight)
         t0 = time.perf_counter()
         outcome = self.average(advance, tokens, float(max(weight, 1.0)), loss)
         waited = time.perf_counter() - t0
@@ -479,9 +514,14 @@ class RoundEngine:
         base.tokens = sum(g["tokens"] for g in gathered.values())
         base.bytes_sent, base.bytes_received = outcome["bytes_sent"], outcome["bytes_received"]
         base.reconciled, base.lost_fraction = outcome["reconciled"], outcome["lost_fraction"]
+        offenders = outcome.get("offenders") or {}
+        base.offenders = sorted(offenders)
+        base.clipped_parts = sum(c for c, _ in offenders.values())
+        base.dropped_parts = sum(d for _, d in offenders.values())
         if outcome["reconciled"]:
             logger.info("round %d: group members held different theta; merged them", r)
         if outcome.get("reconcile_failed"):
+            base.reconcile_failed = True
             logger.warning(
                 "round %d: merging the group's different theta failed part-way; each member kept its "
                 "own (they merge when they next meet)",
@@ -510,21 +550,27 @@ class RoundEngine:
         """Our round closed without us: keep the work (our delta, already including any earlier carry), download
         the newer theta, and merge the work into the next round, damped by its staleness."""
         r = self.round
-        kept = [d.clone() for d in self.delta]
-        newest = self.view.newest_servable_round()
-        logger.info(
-            "round %d: the swarm closed this round without us (it is at round %d); keeping our update for "
-            "the next round and re-syncing",
-            r,
-            newest,
-        )
-        t0 = time.perf_counter()
-        took = self.sync(reason="late", min_round=newest)
-        result.sync_s = time.perf_counter() - t0
+        newest, took = self.view.newest_servable_round(), None
+        if newest > r:
+            kept = [d.clone() for d in self.delta]  # a copy only when the work is carried over
+            logger.info(
+                "round %d: the swarm closed this round without us (it is at round %d); keeping our update for "
+                "the next round and re-syncing",
+                r,
+                newest,
+            )
+            t0 = time.perf_counter()
+            took = self.sync(reason="late", min_round=newest)
+            result.sync_s = time.perf_counter() - t0
+            if took is None:
+                logger.warning("round %d: could not download the newer state; applying our own update", r)
+        else:
+            # the peers that closed it have all left (the run's end): nobody to re-sync from, nor to wait for
+            logger.warning("round %d: the peers that closed this round have left the run; applying our own update", r)
         if took is None:
-            # nobody could serve the newer round: the claim is doubtful, so finish our own round alone instead of
-            # skipping it (a skipped round does not advance the step, and the run would never end)
-            logger.warning("round %d: could not download the newer state; applying our own update", r)
+            # nobody could serve the newer round (the claim is doubtful, or its peers left): finish our own round
+            # alone instead of skipping it (a skipped round does not advance the step, and the run would never end)
+            result.tokens = result.own_tokens
             result.tokens_in_theta = result.own_tokens + carried
             self.carry = None
             return self._apply(result)

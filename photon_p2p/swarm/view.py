@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.5  # a DHT read of one small key: cheap, and it bounds how late a peer notices a round closing
 DISTRUST_AFTER = 2  # failed downloads of a claimed round before the claim is ignored
 ACTIVE_STAGES = ("ready", "training", "averaging")
+CANNOT_VOUCH = ("syncing", "starting")  # stages of a peer that holds no state of the swarm's round yet
 STALE_AFTER_S = 4 * HEARTBEAT_PERIOD  # a peer that takes part in rounds (not syncing or starting)
+VOUCH_MEMORY_S = 300.0  # how long a (round, theta hash) a peer's heartbeat showed counts as vouched by it
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ class SwarmView:
         self._fresh = threading.Event()
         self._distrust: dict[str, int] = {}  # peer ID -> claims of this round or later are ignored
         self._failed_claims: dict[tuple[str, int], int] = {}
+        # (round, theta hash) -> {peer ID: when last seen}: peers move on while a joiner downloads, so a state is
+        # vouched for by the peers whose signed heartbeats showed it recently, not only by those showing it now
+        self._vouched: dict[tuple[int, str], dict[str, float]] = {}
+        self._newest: dict[str, float] = {}  # peer ID -> time of the newest heartbeat read (goodbyes included)
+        self._left_round = -1  # the newest round a peer we saw take part had reached when it said goodbye
         self._thread = threading.Thread(target=self._loop, name="photon-swarm-view", daemon=True)
 
     def start(self) -> SwarmView:
@@ -86,9 +93,25 @@ class SwarmView:
             previous = self._peers
             peers = {}
             for pid, hb in beats.items():
-                if pid == self.peer_id or hb.manifest_hash != self.manifest_hash or hb.stage == "left":
+                newest = self._newest.get(pid, float("-inf"))
+                if hb.time < newest:
+                    # a peer's heartbeats only move forward: an older one now is a replay (or a lagging DHT node).
+                    # Believing it would roll the peer's round back, or bring back a peer that said goodbye
+                    self.rejects.add("heartbeat", "older than one already seen")
+                    if pid in previous:
+                        peers[pid] = previous[pid]
+                    continue
+                self._newest[pid] = hb.time
+                if pid == self.peer_id or hb.manifest_hash != self.manifest_hash:
                     continue
                 old = previous.get(pid)
+                if hb.stage == "left":
+                    # a goodbye shows the round the peer had reached: the rounds before it closed, with it. Only
+                    # from a peer we saw take part, and at most one round past where we saw it (a peer that
+                    # leaves after its last all-reduce), so a stranger's goodbye cannot claim a far-future round
+                    if old is not None and old.hb.stage in ACTIVE_STAGES and hb.round <= old.hb.round + 1:
+                        self._left_round = max(self._left_round, hb.round)
+                    continue
                 # the DHT returns the same record until the peer republishes: keep when we first saw it
                 seen = old.seen if old is not None and old.hb == hb else now
                 peers[pid] = PeerView(hb, seen)
@@ -98,6 +121,11 @@ class SwarmView:
                 if pid not in peers and pid not in beats and now - old.seen < STALE_AFTER_S:
                     peers[pid] = old
             self._peers = peers
+            for pid, v in peers.items():
+                if v.hb.theta_hash:
+                    self._vouched.setdefault((v.hb.round, v.hb.theta_hash), {})[pid] = now
+            for key in [k for k, seen in self._vouched.items() if now - max(seen.values()) > VOUCH_MEMORY_S]:
+                del self._vouched[key]
         self._fresh.set()
 
     def _loop(self) -> None:
@@ -132,6 +160,30 @@ class SwarmView:
             if v.hb.round == round_ and v.hb.stage in stages and now - v.seen < STALE_AFTER_S
         }
 
+    def vouchers(self, round_: int, theta_hash: str) -> set[str]:
+        """Peers whose heartbeats (signed; swarm/heartbeat.py) showed ``theta_hash`` at ``round_`` lately."""
+        now = time.monotonic()
+        with self._lock:
+            seen = self._vouched.get((round_, theta_hash), {})
+            return {pid for pid, t in seen.items() if now - t <= VOUCH_MEMORY_S}
+
+    def possible_vouchers(self) -> int:
+        """Live peers that can vouch for a state: not those catching up themselves ("syncing") or still starting,
+        which hold no state of the swarm's round. Counting them deadlocked two stuck peers, each waiting for the
+        other's vouch (a frozen peer that fell behind and a joiner, in a CI run of tests/test_chaos.py)."""
+        return sum(1 for v in self.peers().values() if v.hb.stage not in CANNOT_VOUCH)
+
+    def state_agreed(self, min_round: int, peers: int) -> bool:
+        """Whether at least ``peers`` peers' heartbeats lately showed one (round, theta hash) at ``min_round`` or
+        later: a download of it can then be vouched for (swarm/sync.py). After a failed all-reduce the live peers
+        can hold different theta for a round, until they next average together."""
+        now = time.monotonic()
+        with self._lock:
+            return any(
+                r >= min_round and sum(1 for t in seen.values() if now - t <= VOUCH_MEMORY_S) >= peers
+                for (r, _), seen in self._vouched.items()
+            )
+
     def newest_servable_round(self) -> int:
         """The newest round that a peer able to send its state claims (believed claims only); -1 if none."""
         return max(
@@ -142,6 +194,14 @@ class SwarmView:
             ),
             default=-1,
         )
+
+    def closed_round(self) -> int:
+        """The newest round the swarm has reached, as far as we know: the newest servable claim, or the round that a
+        peer had reached when it left (the run's last peers leave when it ends, and a peer still in its last round
+        must then know that round closed without it rather than wait for them); -1 if neither."""
+        with self._lock:
+            left = self._left_round
+        return max(self.newest_servable_round(), left)
 
     def tokens_in_round(self, round_: int) -> tuple[int, int]:
         """(tokens the others have trained in ``round_`` by now, how many of them train it)."""

@@ -110,3 +110,21 @@ def finish(proc: Proc, timeout: float) -> int:
     code = proc.wait(timeout)
     assert code == 0, f"{proc.name} exited {code}:\n{proc.output()[-4000:]}"
     return code
+
+
+def theta_by_round(by_peer: dict[str, dict[int, dict[str, Any]]], round_: int) -> tuple[set[str], set[str]]:
+    """(theta hashes of the members that averaged round ``round_`` cleanly, names of those that did not).
+
+    What the round engine guarantees: every reducer sends all members the same bytes, so members that lost no slice
+    of the all-reduce (``lost_fraction`` 0) and whose theta merge did not fail part-way hold one theta. A member
+    that a reducer failed under load applies no update to that slice (it records ``lost_fraction`` above 0) and is
+    merged back at the next round (docs/design.md, "When peers disagree anyway"); that path is allowed, but it must
+    be the one reported."""
+    clean, faulty = set(), set()
+    for name, recs in by_peer.items():
+        rec = recs[round_]
+        if rec["outcome"] == "averaged" and rec["lost_fraction"] == 0 and not rec.get("reconcile_failed"):
+            clean.add(rec["theta_hash"])
+        else:
+            faulty.add(name)
+    return clean, faulty

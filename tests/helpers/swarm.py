@@ -76,7 +76,7 @@ def start_bootstrap(
         + ["--host-maddrs", host, "--identity-path", str(identity), "--status-period", "5", *extra],
         name=name,
     )
-    line = proc.wait_for(PASTE_RE, timeout=60).group(0)
+    line = proc.wait_for(PASTE_RE, timeout=180).group(0)
     maddr = MADDR_RE.search(line)
     assert maddr, f"no 127.0.0.1 multiaddr in the paste line: {line}"
     return proc, maddr.group(0)
@@ -209,6 +209,25 @@ def micro_manifest(run_id: str, *, local_steps: int = 5, preset: str = "micro"):
     )
     tokenizer = load_tokenizer("byte")
     return build_manifest(cfg, tokenizer, build_model_args(preset, vocab_size=pad_vocab(tokenizer.vocab_size)))
+
+
+def heartbeat_fields(peer_id: str, **changes: Any) -> dict[str, Any]:
+    """The fields of a valid, current Heartbeat record (swarm/records.py) of ``peer_id``, with ``changes`` applied."""
+    fields: dict[str, Any] = dict(
+        peer_id=peer_id,
+        run_id="r",
+        manifest_hash="0" * 64,
+        round=0,
+        step=0,
+        tokens=0,
+        tokens_per_s=1.0,
+        stage="training",
+        device="cpu",
+        version="0.1.0",
+        time=time.time(),
+    )
+    fields.update(changes)
+    return fields
 
 
 def signed_run(manifest, identity, created_at: float | None = None):
