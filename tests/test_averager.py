@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import msgpack
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ from photon_p2p.peer import make_compression
 from photon_p2p.swarm.averager import PHASE_STATE, PhotonAllReduceRunner, PhotonAverager, averager_settings
 from photon_p2p.swarm.dht import RemoteCancelled, remote_result
 from photon_p2p.swarm.records import RoundGather
+from photon_p2p.swarm.snapshot import _pack
 
 N_VALUES = 200_000  # several parts per peer at the default 512 KiB part size
 
@@ -217,15 +219,18 @@ def test_a_step_hivemind_cancels_internally_is_an_ordinary_failed_call():
         assert all(torch.equal(x, y) for x, y in zip(a[:2], d, strict=True))
 
 
-@pytest.mark.parametrize("handler", ["rpc_join_group", "rpc_aggregate_part"])
+@pytest.mark.parametrize(
+    "handler", ["rpc_join_group", "rpc_aggregate_part", "rpc_photon_state_describe", "rpc_photon_state_read"]
+)
 def test_the_last_message_on_a_stream_is_not_followed_by_a_reset(handler):
     """When a handler returned, p2pd closed its stream, which resets it, and a reset discards what the other end's
     daemon had not yet passed on: a busy follower lost BEGIN_ALLREDUCE (its leader counted it into a group it never
     joined: CI, last rounds), and a busy sender lost a reducer's last averaged parts ("sent 10 parts, expected 11",
     a few times per suite run), which cost it that reducer's whole slice. Here a real averager answers with a
-    last message (a join refused: not looking for a group; a part for a group it does not run) and the stream stays
-    open after it until the caller closes it, so nothing sent can be reset away before the caller has read it.
-    The senders close their end after the last part they expect (PhotonAllReduceRunner), which ends the wait."""
+    last message (a join refused: not looking for a group; a part for a group it does not run; a snapshot's
+    description; a chunk read refused) and the stream stays open after it until the caller closes it, so nothing
+    sent can be reset away before the caller has read it. The senders close their end after the last part they
+    expect (PhotonAllReduceRunner), and a downloader after the description or the last chunk: that ends the wait."""
     from hivemind.p2p import P2P
     from hivemind.proto import averaging_pb2
 
@@ -247,9 +252,12 @@ def test_the_last_message_on_a_stream_is_not_followed_by_a_reset(handler):
             stub = PhotonAverager.get_stub(p2p, dht.peer_id, namespace="linger")
             if handler == "rpc_join_group":
                 stream = await stub.rpc_join_group(averaging_pb2.JoinRequest(schema_hash=b"x", expiration=0.0))
-            else:
+            elif handler == "rpc_aggregate_part":
                 part = averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING, group_id=b"no such group")
                 stream = await stub.rpc_aggregate_part(_aiter(part))
+            else:
+                ask = {"want": b"x"} if handler == "rpc_photon_state_describe" else {"id": b"no such", "offset": 0}
+                stream = await getattr(stub, handler)(averaging_pb2.DownloadData(metadata=_pack(ask)))
             first = await asyncio.wait_for(stream.__anext__(), timeout=10)
             try:
                 await asyncio.wait_for(stream.__anext__(), timeout=2.0)
@@ -259,7 +267,10 @@ def test_the_last_message_on_a_stream_is_not_followed_by_a_reset(handler):
             except TimeoutError:
                 after = "open"
             await stream.aclose()
-            return first.code, after
+            if isinstance(first, averaging_pb2.DownloadData):  # a snapshot's description, or {"error": why}
+                reply = msgpack.unpackb(first.metadata)
+                return reply.get("error", "described" if "size" in reply else repr(reply)), after
+            return averaging_pb2.MessageCode.Name(first.code), after
         finally:
             await p2p.shutdown()
 
@@ -268,8 +279,13 @@ def test_the_last_message_on_a_stream_is_not_followed_by_a_reset(handler):
     finally:
         avg.shutdown()
         dht.shutdown()
-    expected = averaging_pb2.NOT_LOOKING_FOR_GROUP if handler == "rpc_join_group" else averaging_pb2.BAD_GROUP_ID
-    assert code == expected, averaging_pb2.MessageCode.Name(code)
+    expected = {
+        "rpc_join_group": "NOT_LOOKING_FOR_GROUP",
+        "rpc_aggregate_part": "BAD_GROUP_ID",
+        "rpc_photon_state_describe": "described",
+        "rpc_photon_state_read": "snapshot expired from the donor's cache",
+    }[handler]
+    assert code == expected, code
     assert after == "open", after  # 2 s after its last message the averager had not closed the stream
 
 

@@ -48,13 +48,10 @@ from photon_p2p.swarm import faults
 from photon_p2p.swarm.access import AccessControlMixin
 from photon_p2p.swarm.records import RoundGather
 from photon_p2p.swarm.robust import RobustPartReducer, bounded_fractions, sane_bandwidth
-from photon_p2p.swarm.transfer import StateTransferMixin
+from photon_p2p.swarm.transfer import LINGER_S, StateTransferMixin
 
 logger = logging.getLogger(__name__)
 
-# a leader keeps each join stream, and a reducer each part stream, open after its last message until the other end
-# closes it (at most this long): see PhotonAverager.rpc_join_group
-LINGER_S = 10.0
 MAX_WEIGHT = 1e15  # tokens per round when the caller gives no bound (peers pass the manifest's: swarm/robust.py)
 PHASE_DELTA, PHASE_STATE = b".delta", b".state"
 

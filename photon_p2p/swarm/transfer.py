@@ -80,6 +80,11 @@ logger = logging.getLogger(__name__)
 # theta and the outer state), a read holds a stream open; honest downloads stay far below both
 DESCRIBES_PER_MINUTE = 10
 READS_PER_REQUESTER = 2
+# every handler that answers on a stream (a leader's join, a reducer's parts, a donor's description and chunks) keeps
+# it open after its last message until the other end closes it, at most this long: when a handler returns, p2pd
+# closes the stream, that close resets it, and a reset discards what the other end's daemon has not yet passed on
+# (see PhotonAverager.rpc_join_group). The reading side closes as soon as it has read what it expects.
+LINGER_S = 10.0
 
 
 class StateTransferMixin:
@@ -169,6 +174,7 @@ class StateTransferMixin:
             logger.debug("state snapshot failed", exc_info=True)
             reply = {"error": f"could not take a snapshot: {e!r}"[:200]}
         yield averaging_pb2.DownloadData(metadata=_pack(reply))
+        await asyncio.sleep(LINGER_S)  # the requester closes after this one message (see LINGER_S)
 
     async def rpc_photon_state_read(
         self, request: averaging_pb2.DownloadData, context: P2PContext
@@ -183,6 +189,7 @@ class StateTransferMixin:
                 raise ConnectionError(f"rate limited: at most {READS_PER_REQUESTER} concurrent state reads per peer")
         except (_Refused, ConnectionError) as e:
             yield averaging_pb2.DownloadData(metadata=_pack({"error": str(e.args[0])}))
+            await asyncio.sleep(LINGER_S)
             return
         self._transfer_reading[requester] = self._transfer_reading.get(requester, 0) + 1
         try:
@@ -198,6 +205,8 @@ class StateTransferMixin:
             left = self._transfer_reading.pop(requester, 1) - 1
             if left > 0:
                 self._transfer_reading[requester] = left
+        # the requester closes after the last chunk; until then the stream stays open (no longer counted as a read)
+        await asyncio.sleep(LINGER_S)
 
     # ---- client side (averager process)
     async def _transfer_donors(self, min_priority: float | None) -> dict[PeerID, float]:
