@@ -48,6 +48,20 @@ def _join_address(proc) -> str:
     return line
 
 
+def _story(joiner, others) -> str:
+    """What a failed wait prints: the joiner's log (whole lines, the newest) and every peer's last round records."""
+    lines = [f"--- {joiner.name}'s log (last 60 lines):", *joiner.output().splitlines()[-60:]]
+    for p in (joiner, *others):
+        recs = rounds(p)
+        state = "running" if p.alive() else f"exited ({p.popen.returncode})"
+        lines.append(f"--- {p.name} ({state}), its last rounds (round: outcome, group size, theta hash):")
+        lines += [
+            f"  {r}: {rec['outcome']}, {rec.get('group_size')}, {str(rec.get('theta_hash'))[:12]}"
+            for r, rec in sorted(recs.items())[-12:]
+        ]
+    return "\n".join(lines)
+
+
 def _on_theta_of(joiner, others, after: int = -1) -> list[int]:
     """Rounds > ``after`` that ``joiner`` averaged and ended on the same theta as one of ``others``."""
     assert joiner.alive(), f"{joiner.name} exited:\n{joiner.output()[-3000:]}"  # fail now, with its words
@@ -97,7 +111,12 @@ def test_freeze_bootstrap_loss_and_churn(procs, tmp_path):
     wait_until(lambda: max(rounds(a)) >= 5, 120, what="a training on while the peer is frozen")
     assert psutil.Process(frozen.pid).status() == psutil.STATUS_STOPPED  # frozen all along
     frozen.signal_group(signal.SIGCONT)
-    wait_until(lambda: _on_theta_of(frozen, [a, b], after=3), 240, what="the frozen peer back on the others' theta")
+    wait_until(
+        lambda: _on_theta_of(frozen, [a, b], after=3),
+        240,
+        what="the frozen peer back on the others' theta",
+        explain=lambda: _story(frozen, [a, b]),
+    )
 
     # 2. the bootstrap dies; training goes on; a newcomer joins through a live peer --------------------------
     boot.kill()
@@ -105,7 +124,12 @@ def test_freeze_bootstrap_loss_and_churn(procs, tmp_path):
     killed_at = max(rounds(a))
     wait_until(lambda: max(rounds(a)) >= killed_at + 2, 120, what="rounds after the bootstrap died")
     via_peer = start_peer(procs, "via-peer", initial_peers=[_join_address(a)], **common)
-    wait_until(lambda: _on_theta_of(via_peer, [a, b]), 240, what="a newcomer joining through a live peer")
+    wait_until(
+        lambda: _on_theta_of(via_peer, [a, b]),
+        240,
+        what="a newcomer joining through a live peer",
+        explain=lambda: _story(via_peer, [a, b, frozen]),
+    )
 
     # churn: one peer leaves cleanly, one machine dies
     frozen.popen.send_signal(signal.SIGTERM)
@@ -118,7 +142,12 @@ def test_freeze_bootstrap_loss_and_churn(procs, tmp_path):
     # the run's peers ping their --initial-peers between rounds: the new bootstrap knows them and the run again
     boot2.wait_for(r"[1-9]\d* DHT peers? in the routing table.*runs seen: chaos", timeout=120)
     via_boot = start_peer(procs, "via-boot", initial_peers=[entry2], **common)
-    wait_until(lambda: _on_theta_of(via_boot, [a, via_peer]), 240, what="a newcomer joining through the new bootstrap")
+    wait_until(
+        lambda: _on_theta_of(via_boot, [a, via_peer]),
+        240,
+        what="a newcomer joining through the new bootstrap",
+        explain=lambda: _story(via_boot, [a, via_peer]),
+    )
 
     assert "started run 'chaos'" not in via_boot.output(), "the newcomer started a run of its own"
     for p in (a, via_peer, via_boot):

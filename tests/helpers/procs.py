@@ -120,14 +120,22 @@ class ProcessPool:
             proc.kill()
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.3, what: str = "condition"):
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float,
+    interval: float = 0.3,
+    what: str = "condition",
+    explain: Callable[[], str] | None = None,
+):
+    """Poll ``predicate`` until it returns something truthy; on timeout fail with ``explain()`` (say, the logs of
+    the processes involved: a CI failure must be diagnosable from its output alone)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout}s")
+    raise AssertionError(f"{what} not reached within {timeout}s" + (f"\n{explain()}" if explain else ""))
 
 
 def all_gone(processes: list[psutil.Process], timeout: float = 10.0) -> list[psutil.Process]:
