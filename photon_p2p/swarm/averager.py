@@ -46,6 +46,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_
 
 from photon_p2p.swarm import faults
 from photon_p2p.swarm.access import AccessControlMixin
+from photon_p2p.swarm.dht import read_control_pipe_blocking
 from photon_p2p.swarm.records import RoundGather
 from photon_p2p.swarm.robust import RobustPartReducer, bounded_fractions, sane_bandwidth
 from photon_p2p.swarm.transfer import LINGER_S, StateTransferMixin
@@ -521,6 +522,12 @@ class PhotonAverager(AccessControlMixin, StateTransferMixin, DecentralizedAverag
             return meta, [t.detach().clone() for t in tensors[self.num_delta :]], None
 
     # ---- per-round matchmaking settings, applied inside the averager process
+    def run(self) -> None:
+        # the averager process reads its control pipe like the DHT's: blocking, or a large message kills it
+        # (swarm/dht.py, _BlockingReads)
+        read_control_pipe_blocking(self)
+        super().run()
+
     def set_round(self, round_: int, target_group_size: int | None) -> None:
         """Key matchmaking by round (peers at different rounds never group) and size the group to the peers we
         expect, so a full group starts at once instead of waiting out the matchmaking time."""

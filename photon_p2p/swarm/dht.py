@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import threading
 from collections.abc import Sequence
@@ -23,6 +24,55 @@ from photon_p2p.swarm.identity import Identity
 logger = logging.getLogger(__name__)
 
 EXAMPLE_MADDR = "/ip4/203.0.113.5/tcp/31337/p2p/QmXYZ..."
+
+
+class _BlockingReads:
+    """A background process's end of hivemind's control pipe, read in blocking mode.
+
+    hivemind's DHT and averager processes watch that pipe with ``loop.add_reader``, which makes its descriptor
+    non-blocking, and then read each message with ``Connection.recv()``. A message larger than the pipe's buffer
+    (64 KiB on Linux) cannot be written in one go, so the read runs out of bytes mid-message: ``BlockingIOError``,
+    which hivemind logs and skips, after which the next read starts inside the rest of that message and ``EOFError``
+    ends the process's loop (hivemind PR #660, open). Measured: every DHT store of 100 KB or more failed, and a run
+    whose manifest carried an 8k-token BPE tokenizer (89 KB compressed) left each peer with a dead DHT, training
+    alone forever. The reader is only woken when the pipe is readable and the writer is mid-message, so a blocking
+    read waits microseconds for the rest. Everything else passes through to the connection."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Any):
+        self._conn = conn
+
+    def recv(self) -> Any:
+        os.set_blocking(self._conn.fileno(), True)  # add_reader may have made it non-blocking since the last read
+        return self._conn.recv()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def read_control_pipe_blocking(process: Any) -> None:
+    """Call first in the ``run()`` of a hivemind DHT or averager process (see _BlockingReads)."""
+    if not isinstance(process._inner_pipe, _BlockingReads):
+        process._inner_pipe = _BlockingReads(process._inner_pipe)
+
+
+_DHT_CLASS: Any = None
+
+
+def dht_class() -> Any:
+    """hivemind's DHT with its control pipe read in blocking mode (imported lazily: hivemind is slow to import)."""
+    global _DHT_CLASS
+    if _DHT_CLASS is None:
+        import hivemind
+
+        class PhotonDHT(hivemind.DHT):
+            def run(self) -> None:
+                read_control_pipe_blocking(self)
+                super().run()
+
+        _DHT_CLASS = PhotonDHT
+    return _DHT_CLASS
 
 
 def validate_maddrs(addrs: Sequence[str], *, flag: str, need_peer_id: bool) -> list[str]:
@@ -110,7 +160,6 @@ def start_dht(
     node then carries and checks run tokens.
 
     Every node refuses records that photon and hivemind's averager never write (validators.py), at store time."""
-    import hivemind
 
     from photon_p2p.swarm.validators import PhotonRecordValidator
 
@@ -119,7 +168,7 @@ def start_dht(
     announce_maddrs = validate_maddrs(announce_maddrs, flag="--announce-maddrs", need_peer_id=False)
     check_ports_free(host_maddrs)
     with signals_deferred():  # the constructor creates hivemind's first shared-memory future; it does not fork
-        dht = hivemind.DHT(
+        dht = dht_class()(
             initial_peers=initial_peers or None,
             start=False,
             await_ready=False,
@@ -235,6 +284,17 @@ def remote_result(future: Any, timeout: float | None = None) -> Any:
         return future.result(timeout=timeout)
     except asyncio.CancelledError as e:
         raise RemoteCancelled("hivemind cancelled the call internally") from e
+
+
+def check_processes(dht: Any, averager: Any) -> None:
+    """Stop the peer with one clear line when its DHT or averager process has died: without them it can neither
+    see the swarm nor average, and it would otherwise train alone (or wait for a quorum) as if nobody were there."""
+    for name, process in (("DHT", dht), ("averager", averager)):
+        if process is not None and not process.is_alive():
+            raise SwarmError(
+                f"this peer's {name} process has stopped (exit code {process.exitcode}; its error is in the log "
+                "above): stopping, since it can no longer take part in the swarm"
+            )
 
 
 class DHTCalls:

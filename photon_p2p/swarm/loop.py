@@ -13,6 +13,7 @@ from typing import Any
 
 from photon_p2p.errors import SwarmError
 from photon_p2p.runtime import DeferredStop
+from photon_p2p.swarm.dht import check_processes
 from photon_p2p.swarm.records import LastRound
 from photon_p2p.swarm.report import RoundResult, format_round_line
 from photon_p2p.swarm.rounds import RoundEngine, _Leave
@@ -200,6 +201,7 @@ class PeerLoop(RoundEngine):
                 self.catch_up("joining")
                 self._say_if_no_group_can_form()
                 while self.global_step < train.max_steps and not stop.requested:
+                    check_processes(self.view.calls.dht, self.averager)
                     before = self.global_step
                     result = self.run_round()
                     step = self.global_step

@@ -43,7 +43,7 @@ from photon_p2p.config import RunConfig
 from photon_p2p.errors import SwarmError
 from photon_p2p.swarm import faults
 from photon_p2p.swarm.averager import PhotonAverager
-from photon_p2p.swarm.dht import remote_result
+from photon_p2p.swarm.dht import check_processes, remote_result
 from photon_p2p.swarm.heartbeat import HeartbeatPublisher
 from photon_p2p.swarm.manifest import RunManifest
 from photon_p2p.swarm.records import RejectCounter, RoundGather, StateMeta
@@ -415,6 +415,7 @@ class RoundEngine:
         while True:
             if self.stop_requested():
                 return "stop"
+            check_processes(self.view.calls.dht, self.averager)  # a quorum wait must not outlive them
             mates = self._expected_mates()
             waited = time.monotonic() - start
             if not mates:
