@@ -11,7 +11,10 @@ hostile peer) or unservable (a ``--client-mode`` peer ahead of us accepts no con
 its state). A round claim counts for re-syncing only when it comes from a peer that can serve state, and a peer
 whose claimed round no donor could serve after ``DISTRUST_AFTER`` tries is ignored (for rounds at or above that
 claim), with one log line: otherwise one bad record makes every peer re-sync forever and the run never ends
-(docs/design.md, "Claims that nobody can serve").
+(docs/design.md, "Claims that nobody can serve"). The distrust expires (``DISTRUST_S``, doubling each time the same
+peer earns it again, up to ``DISTRUST_MAX_S``): downloads also fail for honest reasons (a donor frozen or gone
+mid-transfer, a slow link), and a peer that ignored the honest swarm's claims for good would never re-sync and train
+behind it for the rest of the run. A lying peer costs one failed download per expiry.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 POLL_S = 0.5  # a DHT read of one small key: cheap, and it bounds how late a peer notices a round closing
 DISTRUST_AFTER = 2  # failed downloads of a claimed round before the claim is ignored
+# how long the claims are then ignored: longer than a round of a 125m model (minutes), doubling for a repeat offender
+DISTRUST_S = 300.0
+DISTRUST_MAX_S = 3600.0
 ACTIVE_STAGES = ("ready", "training", "averaging")
 CANNOT_VOUCH = ("syncing", "starting")  # stages of a peer that holds no state of the swarm's round yet
 STALE_AFTER_S = 4 * HEARTBEAT_PERIOD  # a peer that takes part in rounds (not syncing or starting)
@@ -63,7 +69,10 @@ class SwarmView:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._fresh = threading.Event()
-        self._distrust: dict[str, int] = {}  # peer ID -> claims of this round or later are ignored
+        # peer ID -> (claims of this round or later are ignored, until this time.monotonic())
+        self._distrust: dict[str, tuple[int, float]] = {}
+        self._distrusted_times: dict[str, int] = {}  # peer ID -> how often it was distrusted (the period doubles)
+        self._clock = time.monotonic  # tests step it
         self._failed_claims: dict[tuple[str, int], int] = {}
         # (round, theta hash) -> {peer ID: when last seen}: peers move on while a joiner downloads, so a state is
         # vouched for by the peers whose signed heartbeats showed it recently, not only by those showing it now
@@ -146,8 +155,8 @@ class SwarmView:
             return dict(self._peers)
 
     def believed_round(self, view: PeerView) -> bool:
-        limit = self._distrust.get(view.hb.peer_id)
-        return limit is None or view.hb.round < limit
+        entry = self._distrust.get(view.hb.peer_id)
+        return entry is None or view.hb.round < entry[0] or self._clock() >= entry[1]
 
     def at_round(self, round_: int, stages: tuple[str, ...] = ACTIVE_STAGES) -> dict[str, PeerView]:
         """Peers at ``round_`` in one of ``stages`` whose heartbeat is still being renewed. A live peer republishes
@@ -215,7 +224,8 @@ class SwarmView:
 
     def claim_failed(self, round_: int) -> list[str]:
         """No donor could serve ``round_``: count it against every peer that claims it (or later); after
-        DISTRUST_AFTER failures those claims are ignored. Returns the peers newly distrusted."""
+        DISTRUST_AFTER failures those claims are ignored for a while (once a distrust expired, a single failure
+        renews it, for twice as long). Returns the peers newly distrusted."""
         newly = []
         for pid, v in self.peers().items():
             if v.hb.round < round_ or not self.believed_round(v):
@@ -223,12 +233,16 @@ class SwarmView:
             key = (pid, round_)
             self._failed_claims[key] = self._failed_claims.get(key, 0) + 1
             if self._failed_claims[key] >= DISTRUST_AFTER:
-                self._distrust[pid] = round_
+                times = self._distrusted_times.get(pid, 0)
+                period = min(DISTRUST_S * 2**times, DISTRUST_MAX_S)
+                self._distrusted_times[pid] = times + 1
+                self._distrust[pid] = (round_, self._clock() + period)
                 newly.append(pid)
                 logger.warning(
-                    "ignoring %s's claim to be at round %d: no peer could send that state after %d tries",
+                    "ignoring %s's claim to be at round %d for %.0f s: no peer could send that state after %d tries",
                     pid[:16],
                     v.hb.round,
+                    period,
                     DISTRUST_AFTER,
                 )
         return newly
