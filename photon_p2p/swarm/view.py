@@ -4,7 +4,9 @@ believe.
 The round engine asks many small questions while it trains and averages ("how many tokens has my round trained
 together?", "is anyone still training my round?", "has the swarm moved on, and can anyone serve that state?").
 Asking the DHT each time would put its latency inside the training loop, so a daemon thread polls the run's
-heartbeats every ``POLL_S`` and the engine reads the cached snapshot.
+heartbeats and the engine reads the cached snapshot. It reads every ``POLL_S`` in a small swarm, less often as the
+swarm grows (``poll_interval``): every read fetches every peer's record (from several DHT nodes), so a fixed period
+made the swarm's reads grow as N^2 (docs/design.md, "A round").
 
 Claims are not facts. A heartbeat is validly signed by its peer, but the round it reports may be wrong (a bug, a
 hostile peer) or unservable (a ``--client-mode`` peer ahead of us accepts no connections, so it can never send us
@@ -20,6 +22,8 @@ behind it for the rest of the run. A lying peer costs one failed download per ex
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -30,15 +34,42 @@ from photon_p2p.swarm.records import Heartbeat, RejectCounter
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.5  # a DHT read of one small key: cheap, and it bounds how late a peer notices a round closing
+POLL_S = 0.5  # the shortest period: it bounds how late a peer of a small swarm notices a round closing
+POLL_PER_PEER_S = 0.1  # above 5 peers, the period grows with the swarm: ~10 heartbeat records read a second
+POLL_MAX_S = 3.0  # = HEARTBEAT_PERIOD: reading faster than peers republish would only re-read the same records
 DISTRUST_AFTER = 2  # failed downloads of a claimed round before the claim is ignored
 # how long the claims are then ignored: longer than a round of a 125m model (minutes), doubling for a repeat offender
 DISTRUST_S = 300.0
 DISTRUST_MAX_S = 3600.0
+# a fixed period instead (seconds), for benchmarks that compare with the old fixed 0.5 s: bench/scale.py --poll-s
+POLL_ENV = "PHOTON_VIEW_POLL_S"
 ACTIVE_STAGES = ("ready", "training", "averaging")
 CANNOT_VOUCH = ("syncing", "starting")  # stages of a peer that holds no state of the swarm's round yet
 STALE_AFTER_S = 4 * HEARTBEAT_PERIOD  # a peer that takes part in rounds (not syncing or starting)
 VOUCH_MEMORY_S = 300.0  # how long a (round, theta hash) a peer's heartbeat showed counts as vouched by it
+
+
+def poll_interval(n_peers: int) -> float:
+    """How long the view waits between two reads of the run's heartbeats, seeing ``n_peers`` other peers.
+
+    A read returns every peer's record (~1-3 KB each) from each DHT node it asks, and the nodes that store the key
+    answer every peer's reads: at a fixed period the swarm's traffic and CPU grow as N^2 (measured with
+    bench/scale.py: at 16 peers on one machine the DHT processes used more CPU than training). Growing the period
+    with N keeps each peer's reads at ~1/POLL_PER_PEER_S records a second up to POLL_MAX_S, where a read every
+    heartbeat period is the least that still sees every heartbeat. Swarms of up to 5 peers keep POLL_S. The cost
+    is noticing a round's end up to the period later; the engine extrapolates the others' tokens between reads
+    (PeerView.tokens_now), and rounds of a real model last minutes."""
+    fixed = os.environ.get(POLL_ENV)
+    if fixed:
+        try:
+            value = float(fixed)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value > 0:
+            return value
+        logger.warning("ignoring %s=%r: not a positive number of seconds", POLL_ENV, fixed)
+        os.environ.pop(POLL_ENV, None)  # say it once
+    return min(POLL_MAX_S, max(POLL_S, n_peers * POLL_PER_PEER_S))
 
 
 @dataclass(frozen=True)
@@ -140,7 +171,9 @@ class SwarmView:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.refresh()
-            self._stop.wait(POLL_S)
+            with self._lock:
+                n = len(self._peers)
+            self._stop.wait(poll_interval(n))
 
     def wait_fresh(self, timeout: float = 10.0) -> None:
         """Block until a read newer than this call has completed (after a state change that others report)."""
