@@ -21,6 +21,7 @@ behind it for the rest of the run. A lying peer costs one failed download per ex
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -36,12 +37,12 @@ logger = logging.getLogger(__name__)
 
 POLL_S = 0.5  # the shortest period: it bounds how late a peer of a small swarm notices a round closing
 POLL_PER_PEER_S = 0.1  # above 5 peers, the period grows with the swarm: ~10 heartbeat records read a second
-POLL_MAX_S = 3.0  # = HEARTBEAT_PERIOD: reading faster than peers republish would only re-read the same records
+POLL_MAX_S = HEARTBEAT_PERIOD  # the longest period: peers republish this often, so reads never miss one for long
 DISTRUST_AFTER = 2  # failed downloads of a claimed round before the claim is ignored
 # how long the claims are then ignored: longer than a round of a 125m model (minutes), doubling for a repeat offender
 DISTRUST_S = 300.0
 DISTRUST_MAX_S = 3600.0
-# a fixed period instead (seconds), for benchmarks that compare with the old fixed 0.5 s: bench/scale.py --poll-s
+# a fixed period instead (seconds), for comparing with the old fixed 0.5 s: set in bench/scale.py's environment
 POLL_ENV = "PHOTON_VIEW_POLL_S"
 ACTIVE_STAGES = ("ready", "training", "averaging")
 CANNOT_VOUCH = ("syncing", "starting")  # stages of a peer that holds no state of the swarm's round yet
@@ -59,17 +60,21 @@ def poll_interval(n_peers: int) -> float:
     heartbeat period is the least that still sees every heartbeat. Swarms of up to 5 peers keep POLL_S. The cost
     is noticing a round's end up to the period later; the engine extrapolates the others' tokens between reads
     (PeerView.tokens_now), and rounds of a real model last minutes."""
-    fixed = os.environ.get(POLL_ENV)
-    if fixed:
-        try:
-            value = float(fixed)
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value) and value > 0:
-            return value
-        logger.warning("ignoring %s=%r: not a positive number of seconds", POLL_ENV, fixed)
-        os.environ.pop(POLL_ENV, None)  # say it once
-    return min(POLL_MAX_S, max(POLL_S, n_peers * POLL_PER_PEER_S))
+    raw = os.environ.get(POLL_ENV)
+    fixed = _fixed_period(raw) if raw else None
+    return fixed if fixed is not None else min(POLL_MAX_S, max(POLL_S, n_peers * POLL_PER_PEER_S))
+
+
+@functools.lru_cache(maxsize=8)  # parsed once per value, so a bad one is reported once
+def _fixed_period(raw: str) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if math.isfinite(value) and value > 0:
+        return value
+    logger.warning("ignoring %s=%r: not a positive number of seconds", POLL_ENV, raw)
+    return None
 
 
 @dataclass(frozen=True)
