@@ -33,7 +33,6 @@ import logging
 import math
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,7 +48,7 @@ from photon_p2p.swarm.manifest import RunManifest
 from photon_p2p.swarm.records import RejectCounter, RoundGather, StateMeta
 from photon_p2p.swarm.report import RoundResult
 from photon_p2p.swarm.robust import round_weight_bound
-from photon_p2p.swarm.state import DeltaGuard, compute_delta, global_norm, load_theta, theta_hash
+from photon_p2p.swarm.state import Carry, DeltaGuard, compute_delta, global_norm, load_theta, theta_hash
 from photon_p2p.swarm.sync import VOUCHERS, Unvouched, download_state
 from photon_p2p.swarm.view import ACTIVE_STAGES, SwarmView
 from photon_p2p.train.metrics import MetricsWriter, StepStats
@@ -64,16 +63,6 @@ ALONE_GRACE_S = 2.0  # others take part in rounds but none seen at ours: look ag
 POLL_S = 0.1  # how often a waiting peer checks its averaging step (also the resolution of the idle figures)
 SYNC_AGAIN = 1  # after a download the swarm may have moved on: download once more before training
 AGREE_WAIT_S = 600.0  # a joiner waits this long for the swarm to agree on one state (catch_up): a few 125m rounds
-
-
-@dataclass
-class Carry:
-    """A late round's work, held over to the next round (damped by 1 / (1 + staleness))."""
-
-    delta: list[torch.Tensor]
-    tokens: int
-    factor: float
-    from_round: int
 
 
 class RoundEngine:

@@ -12,6 +12,7 @@ import hashlib
 import math
 import statistics
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +22,16 @@ from photon_p2p.swarm.records import RecordRejected, StateMeta
 
 DELTA_NORM_MAX_RATIO = 20.0  # a delta this many times larger than recent accepted ones is treated as broken
 DELTA_NORM_HISTORY = 8
+
+
+@dataclass
+class Carry:
+    """A late round's work, held over to the next round (damped by 1 / (1 + staleness)): swarm/rounds.py."""
+
+    delta: list[torch.Tensor]
+    tokens: int
+    factor: float
+    from_round: int
 
 
 def theta_from_model(model: nn.Module) -> list[torch.Tensor]:
